@@ -1,0 +1,12 @@
+"""jsoftmax: the softmax family for JAX, with defined behaviour at every edge."""
+
+from jsoftmax.core import log_softmax, logsumexp, softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "log_softmax",
+    "logsumexp",
+    "softmax",
+]

@@ -1,0 +1,161 @@
+"""Argument checks and canonicalisation shared by the public functions.
+
+Every public function validates its arguments here, before anything is traced,
+so that a mistake produces one clear error that names the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+Axis = int | Sequence[int] | None
+
+_LOW_PRECISION = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+def is_traced(value: object) -> bool:
+    """True when ``value`` is a JAX tracer (its value is unknown until run time)."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def as_real_array(name: str, x: ArrayLike, arg: str = "x") -> tuple[jax.Array, jnp.dtype]:
+    """Converts ``x`` to a JAX array of the dtype we compute in.
+
+    Returns the array cast to the computation dtype and the dtype to return in:
+    float16 and bfloat16 are computed in float32 and returned in their own
+    dtype; integers promote to the default float dtype, as in ``jax.nn``.
+    """
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(x).dtype
+        except Exception as err:  # ragged lists and other non-arrays
+            raise TypeError(f"{name}: {arg} must be an array of real numbers; got {x!r}") from err
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        out_dtype = dtype
+    elif jnp.issubdtype(dtype, jnp.integer):
+        out_dtype = jnp.dtype(jnp.result_type(float))
+    else:
+        raise TypeError(
+            f"{name}: {arg} has dtype {dtype}, which is not a real number type; "
+            f"cast it first, e.g. {arg}.astype(jnp.float32)"
+        )
+    compute_dtype = jnp.dtype(jnp.float32) if out_dtype in _LOW_PRECISION else out_dtype
+    return jnp.asarray(x).astype(compute_dtype), out_dtype
+
+
+def canonicalize_axes(name: str, axis: Axis, ndim: int) -> tuple[int, ...]:
+    """Turns ``axis`` (int, sequence of ints or None) into a sorted tuple of
+    non-negative ints, rejecting out-of-range and duplicate axes."""
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
+        axes = (int(axis),)
+    elif isinstance(axis, Sequence) and all(
+        isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axis
+    ):
+        axes = tuple(int(a) for a in axis)
+    else:
+        raise TypeError(f"{name}: axis must be an int, a tuple of ints or None; got {axis!r}")
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{name}: axis {a} is out of range for an array with {ndim} dimension(s); "
+                f"use an axis in [{-ndim}, {ndim - 1}]"
+            )
+    normalized = tuple(a % ndim for a in axes)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(
+            f"{name}: axis {axis!r} names the same dimension twice; list each axis once"
+        )
+    return tuple(sorted(normalized))
+
+
+def broadcast_mask(name: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
+    """Broadcasts ``where`` to ``shape`` as a boolean array (None stays None)."""
+    if where is None:
+        return None
+    mask = jnp.asarray(where)
+    try:
+        target = np.broadcast_shapes(mask.shape, shape)
+    except ValueError:
+        target = None
+    if target != tuple(shape):
+        raise ValueError(
+            f"{name}: where has shape {mask.shape}, which does not broadcast to the "
+            f"input shape {tuple(shape)}; give a boolean mask of the input's shape "
+            "(or one that broadcasts to it)"
+        )
+    if mask.dtype != jnp.bool_:
+        mask = mask != 0
+    return jnp.broadcast_to(mask, shape)
+
+
+def reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape left after reducing ``axes`` (without keepdims)."""
+    return tuple(n for i, n in enumerate(shape) if i not in axes)
+
+
+def canonicalize_temperature(
+    name: str,
+    temperature: ArrayLike,
+    shape: tuple[int, ...],
+    axes: tuple[int, ...],
+    dtype: jnp.dtype,
+) -> jax.Array | None:
+    """Validates ``temperature`` and shapes it to broadcast against the input.
+
+    Returns None for a concrete temperature of exactly 1 (the plain function),
+    otherwise an array of ``dtype`` that is either a scalar or has the input's
+    rank with size-1 reduced axes (one temperature per slice).
+
+    A concrete negative or NaN temperature raises ValueError; a traced one is
+    left for the computation, which turns it into NaN.
+    """
+    if temperature is None:
+        raise TypeError(f"{name}: temperature must be a number >= 0 or an array; got None")
+    if not is_traced(temperature):
+        values = np.asarray(temperature)
+        if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)
+                or values.dtype == jnp.bfloat16):
+            raise TypeError(
+                f"{name}: temperature must be a real number or array; got {temperature!r}"
+            )
+        values = values.astype(np.float64)
+        bad = values[np.isnan(values) | (values < 0)]
+        if bad.size:
+            raise ValueError(
+                f"{name}: temperature must be >= 0 (0 is the hard max, inf is uniform); "
+                f"got {bad.ravel()[0]!r}"
+            )
+    t = jnp.asarray(temperature).astype(dtype)
+    batch = reduced_shape(shape, axes)
+    keepdims = tuple(1 if i in axes else n for i, n in enumerate(shape))
+    if t.ndim == 0:
+        out = t
+    elif _broadcasts_to(t.shape, batch):
+        out = jnp.expand_dims(jnp.broadcast_to(t, batch), axes)
+    elif len(t.shape) == len(shape) and _broadcasts_to(t.shape, keepdims):
+        out = t
+    else:
+        raise ValueError(
+            f"{name}: temperature of shape {t.shape} does not broadcast against the batch "
+            f"shape {batch} (input shape {tuple(shape)} with axes {axes} reduced); pass a "
+            "scalar or one temperature per slice"
+        )
+    if not is_traced(temperature) and np.all(np.asarray(temperature) == 1):
+        return None
+    return out
+
+
+def _broadcasts_to(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
+    try:
+        return np.broadcast_shapes(src, dst) == tuple(dst)
+    except ValueError:
+        return False

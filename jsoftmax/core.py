@@ -1,0 +1,418 @@
+"""softmax, log_softmax and logsumexp with temperature, masks and custom JVPs.
+
+All three are built on one shifted-logits computation (``_shifted_logits``):
+per slice, subtract the maximum over the included entries and divide by the
+temperature, so that every exponent is <= 0 and the largest is exactly 0.
+That makes ``exp`` unable to overflow and the normaliser at least 1, except in
+a slice with nothing included, whose normaliser is 0 and which we define.
+
+Excluded entries are those where ``where`` is False or the input is -inf.
+The derivatives are custom JVP rules written from the outputs, so the forward
+edge handling (selects, infinities) never leaks NaNs into the gradients.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+from jax.typing import ArrayLike
+
+from jsoftmax._checks import (
+    Axis,
+    as_real_array,
+    broadcast_mask,
+    canonicalize_axes,
+    canonicalize_temperature,
+)
+
+__all__ = ["log_softmax", "logsumexp", "softmax"]
+
+_INF = float("inf")
+
+
+# --------------------------------------------------------------------------
+# The shared forward computation.
+# --------------------------------------------------------------------------
+
+
+def _shifted_logits(axes, x, t, mask, keep=None):
+    """Returns ``(y, x_max)``: ``y = (x - max) / t`` per slice, with limits.
+
+    * excluded entries (``mask`` False or x == -inf) are -inf;
+    * a slice whose max is +inf puts 0 on its +inf entries and -inf elsewhere
+      (the limit of the softmax is uniform over them);
+    * t == 0 puts 0 on the maxima (ties included) and -inf elsewhere;
+    * t == inf puts 0 on every included entry;
+    * a traced negative or NaN temperature gives NaN;
+    * a NaN anywhere in a slice makes the slice's max, and so its result, NaN.
+
+    ``keep`` (the nonzero weights of logsumexp) excludes entries from the max
+    only; the caller drops them from the sum.
+    """
+    if mask is not None:
+        x = jnp.where(mask, x, -_INF)
+    candidates = x if keep is None else jnp.where(keep, x, -_INF)
+    x_max = jnp.max(candidates, axis=axes, keepdims=True, initial=-_INF)
+    shift = jnp.where(jnp.isfinite(x_max), x_max, 0.0)
+    diff = x - shift
+    if t is None:
+        y = jnp.where(x_max == _INF, jnp.where(x == _INF, 0.0, -_INF), diff)
+        return y, x_max
+    # diff / t is NaN for -inf / inf and for 0 / 0; both are fixed by the selects.
+    y = jnp.where(t == _INF, jnp.where(diff == -_INF, -_INF, 0.0), diff / t)
+    y = jnp.where(x_max == _INF, -_INF, y)
+    y = jnp.where((x == x_max) & (x_max > -_INF), 0.0, y)
+    y = jnp.where(t >= 0, y, jnp.nan)
+    return y, x_max
+
+
+def _safe_total(total):
+    """The normaliser with 0 (a slice with nothing included) replaced by 1."""
+    return jnp.where(total == 0, 1.0, total)
+
+
+def _inverse_temperature(t):
+    """1 / t, with 1 / 0 taken as 0: the hard max does not move with x."""
+    positive = t > 0
+    return jnp.where(positive, 1.0 / jnp.where(positive, t, 1.0), 0.0)
+
+
+def _value(tangent):
+    """None for a symbolic-zero tangent, the tangent array otherwise."""
+    return None if isinstance(tangent, SymbolicZero) else tangent
+
+
+def _sum(v, axes):
+    return jnp.sum(v, axis=axes, keepdims=True)
+
+
+# --------------------------------------------------------------------------
+# softmax
+# --------------------------------------------------------------------------
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _softmax(axes, x, t, mask):
+    y, _ = _shifted_logits(axes, x, t, mask)
+    unnormalized = jnp.exp(y)
+    return unnormalized / _safe_total(_sum(unnormalized, axes))
+
+
+def _softmax_jvp(axes, primals, tangents):
+    x, t, mask = primals
+    dx, dt, _ = tangents
+    probs = _softmax(axes, x, t, mask)
+    return probs, _softmax_tangent(axes, probs, t, _value(dx), _value(dt))
+
+
+_softmax.defjvp(_softmax_jvp, symbolic_zeros=True)
+
+
+def _softmax_tangent(axes, probs, t, dx, dt):
+    """d softmax = s * (dz - sum(s * dz)) with dz = (dx - log(s) dt) / t.
+
+    The temperature term uses shift invariance: z = x / t and log s differ by
+    a per-slice constant, which the centring removes. Wrapped in
+    ``jax.checkpoint`` so that reverse mode keeps only ``probs`` as residual.
+    """
+
+    def tangent(probs, t, dx, dt):
+        u = jnp.zeros_like(probs) if dx is None else dx
+        if dt is not None:
+            positive = probs > 0
+            log_probs = jnp.where(positive, jnp.log(jnp.where(positive, probs, 1.0)), 0.0)
+            u = u - log_probs * dt
+        out = probs * (u - _sum(probs * u, axes))
+        return out if t is None else out * _inverse_temperature(t)
+
+    return jax.checkpoint(tangent)(probs, t, dx, dt)
+
+
+_softmax_jit = jax.jit(_softmax, static_argnums=0)
+
+
+def softmax(
+    x: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    temperature: ArrayLike = 1.0,
+) -> jax.Array:
+    r"""Softmax with temperature and mask, defined at every edge.
+
+    .. math::
+        \mathrm{softmax}(x)_i = \frac{\exp((x_i - m) / t)}{\sum_j \exp((x_j - m) / t)},
+        \quad m = \max_j x_j
+
+    Excluded entries (``where`` False, or ``x == -inf``) get probability 0 and
+    zero derivatives. A slice with every entry excluded is all zeros (with
+    zero gradients), never NaN. Entries equal to +inf share the mass of their
+    slice equally. A NaN makes its slice NaN and leaves the others alone.
+    float16 and bfloat16 are computed in float32 and returned in their own
+    dtype; integers promote to the default float dtype.
+
+    Args:
+      x: input logits.
+      axis: the axis or axes to normalise over: an int, a tuple of ints, or
+        None for all axes.
+      where: optional boolean mask broadcastable to ``x``; False excludes.
+      temperature: t >= 0, a scalar or an array broadcastable to the batch
+        shape (``x``'s shape without ``axis``), one temperature per slice.
+        ``t = 0`` is the hard max (one-hot on the argmax, ties shared),
+        ``t = inf`` is uniform over the included entries. Differentiable.
+
+    Returns:
+      An array of ``x``'s shape and (floating) dtype whose slices sum to 1,
+      or to 0 where every entry is excluded.
+
+    Examples:
+      >>> import jsoftmax
+      >>> jsoftmax.softmax(jnp.array([10.0, 2.0, 10000.0, 4.0]))
+      Array([0., 0., 1., 0.], dtype=float32)
+      >>> jsoftmax.softmax(jnp.array([1.0, 1.0, 0.0]), temperature=0.0)
+      Array([0.5, 0.5, 0. ], dtype=float32)
+    """
+    arr, out_dtype = as_real_array("softmax", x)
+    axes = canonicalize_axes("softmax", axis, arr.ndim)
+    mask = broadcast_mask("softmax", where, arr.shape)
+    t = canonicalize_temperature("softmax", temperature, arr.shape, axes, arr.dtype)
+    return _softmax_jit(axes, arr, t, mask).astype(out_dtype)
+
+
+# --------------------------------------------------------------------------
+# log_softmax
+# --------------------------------------------------------------------------
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _log_softmax(axes, x, t, mask):
+    y, _ = _shifted_logits(axes, x, t, mask)
+    return y - jnp.log(_safe_total(_sum(jnp.exp(y), axes)))
+
+
+def _log_softmax_jvp(axes, primals, tangents):
+    x, t, mask = primals
+    dx, dt, _ = tangents
+    log_probs = _log_softmax(axes, x, t, mask)
+    return log_probs, _log_softmax_tangent(axes, log_probs, t, _value(dx), _value(dt))
+
+
+_log_softmax.defjvp(_log_softmax_jvp, symbolic_zeros=True)
+
+
+def _log_softmax_tangent(axes, log_probs, t, dx, dt):
+    """d log_softmax = dz - sum(softmax * dz), zero on excluded entries.
+
+    Computing sum(s * dz) from s = exp(log_probs) keeps gradient components
+    far below eps (s_j * dz_j is tiny, not lost in 1 - s_i). Checkpointed so
+    reverse mode keeps only ``log_probs``.
+    """
+
+    def tangent(log_probs, t, dx, dt):
+        probs = jnp.exp(log_probs)
+        included = log_probs != -_INF
+        u = jnp.zeros_like(log_probs) if dx is None else dx
+        if dt is not None:
+            u = u - jnp.where(included, log_probs, 0.0) * dt
+        out = u - _sum(probs * u, axes)
+        if t is not None:
+            out = out * _inverse_temperature(t)
+        # Mask last: a -inf cotangent on an excluded entry must meet a select,
+        # not a multiplication (0 * -inf is NaN in second-order reverse mode).
+        return jnp.where(included, out, 0.0)
+
+    return jax.checkpoint(tangent)(log_probs, t, dx, dt)
+
+
+_log_softmax_jit = jax.jit(_log_softmax, static_argnums=0)
+
+
+def log_softmax(
+    x: ArrayLike,
+    axis: Axis = -1,
+    where: ArrayLike | None = None,
+    *,
+    temperature: ArrayLike = 1.0,
+) -> jax.Array:
+    r"""Log-softmax with temperature and mask, computed without ``log(softmax)``.
+
+    .. math::
+        \mathrm{log\_softmax}(x)_i = \frac{x_i - m}{t}
+            - \log \sum_j \exp\left(\frac{x_j - m}{t}\right), \quad m = \max_j x_j
+
+    Excluded entries (``where`` False, or ``x == -inf``) are -inf with zero
+    derivatives; a fully excluded slice is all -inf with zero gradients.
+    ``t = 0`` gives 0 on the argmax (``-log k`` for a k-way tie) and -inf
+    elsewhere. Dtype rules as in :func:`softmax`.
+
+    Args:
+      x: input logits.
+      axis: the axis or axes to normalise over: an int, a tuple of ints, or None.
+      where: optional boolean mask broadcastable to ``x``; False excludes.
+      temperature: t >= 0, scalar or one per slice (see :func:`softmax`).
+
+    Returns:
+      An array of ``x``'s shape and (floating) dtype with values in [-inf, 0].
+
+    Examples:
+      >>> import jsoftmax
+      >>> jsoftmax.log_softmax(jnp.array([10.0, 2.0, 10000.0, 4.0]))
+      Array([-9990., -9998.,     0., -9996.], dtype=float32)
+    """
+    arr, out_dtype = as_real_array("log_softmax", x)
+    axes = canonicalize_axes("log_softmax", axis, arr.ndim)
+    mask = broadcast_mask("log_softmax", where, arr.shape)
+    t = canonicalize_temperature("log_softmax", temperature, arr.shape, axes, arr.dtype)
+    return _log_softmax_jit(axes, arr, t, mask).astype(out_dtype)
+
+
+# --------------------------------------------------------------------------
+# logsumexp
+# --------------------------------------------------------------------------
+
+
+def _logsumexp_parts(axes, x, t, mask, b):
+    """Returns ``(lse, sign, weights)`` with keepdims, where
+    ``weights = exp(x / t) / sum(b * exp(x / t))`` (the derivative in ``b``
+    divided by t; softmax is ``b * weights``)."""
+    keep = None if b is None else b != 0
+    y, x_max = _shifted_logits(axes, x, t, mask, keep)
+    unnormalized = jnp.exp(y)
+    weighted = unnormalized if b is None else jnp.where(keep, b * unnormalized, 0.0)
+    total = _sum(weighted, axes)
+    log_total = jnp.log(jnp.abs(total))
+    if t is None:
+        lse = x_max + log_total
+    else:
+        # t * log(total) -> 0 as t -> inf only when exactly one unit of weight
+        # is left; then the limit is the weighted mean of the included entries.
+        unit_at_inf = jnp.isinf(t) & (jnp.abs(total) == 1)
+        scaled = jnp.where(unit_at_inf, 0.0, t * log_total)
+        lse = jnp.where(total == 0, -_INF, x_max + scaled)
+        if b is not None:
+            mean = _sum(jnp.where(weighted != 0, weighted * x, 0.0), axes) / _safe_total(total)
+            lse = jnp.where(unit_at_inf, mean, lse)
+    return lse, jnp.sign(total), unnormalized / _safe_total(total)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _logsumexp(axes, x, t, mask, b):
+    lse, sign, _ = _logsumexp_parts(axes, x, t, mask, b)
+    return lse, sign
+
+
+def _logsumexp_jvp(axes, primals, tangents):
+    x, t, mask, b = primals
+    dx, dt, _, db = (_value(v) for v in tangents)
+    if b is None:
+        lse, sign = _logsumexp(axes, x, t, mask, None)
+        weights = _softmax(axes, x, t, mask)
+        probs = weights
+    else:
+        # Second derivatives in b go through these primitive operations.
+        lse, sign, weights = _logsumexp_parts(axes, x, t, mask, b)
+        probs = b * weights
+    dlse = _logsumexp_tangent(axes, probs, weights, t, b, dx, dt, db)
+    return (lse, sign), (dlse, jnp.zeros_like(sign))
+
+
+_logsumexp.defjvp(_logsumexp_jvp, symbolic_zeros=True)
+
+
+def _logsumexp_tangent(axes, probs, weights, t, b, dx, dt, db):
+    """d lse = sum(s * dx) - sum(s * log|w|) dt + t * sum(w * db).
+
+    The temperature term is the derivative of t * lse(x / t) in t, which is
+    lse(x / t) - sum(s * x / t) = -sum(s * log|w|) (the entropy when b = 1).
+    """
+
+    def tangent(probs, weights, t, dx, dt, db):
+        out = jnp.zeros(probs.shape[:0], probs.dtype)
+        if dx is not None:
+            out = out + _sum(probs * dx, axes)
+        if dt is not None:
+            nonzero = probs != 0
+            log_w = jnp.log(jnp.abs(jnp.where(nonzero, weights, 1.0)))
+            out = out - _sum(jnp.where(nonzero, probs * log_w, 0.0), axes) * dt
+        if db is not None:
+            scale = 1.0 if t is None else t
+            out = out + scale * _sum(weights * db, axes)
+        keep_shape = tuple(1 if i in axes else n for i, n in enumerate(probs.shape))
+        return jnp.broadcast_to(out, keep_shape)
+
+    if b is None:
+        return jax.checkpoint(lambda p, t, dx, dt: tangent(p, p, t, dx, dt, None))(
+            probs, t, dx, dt
+        )
+    return tangent(probs, weights, t, dx, dt, db)
+
+
+_logsumexp_jit = jax.jit(_logsumexp, static_argnums=0)
+
+
+def logsumexp(
+    a: ArrayLike,
+    axis: Axis = None,
+    b: ArrayLike | None = None,
+    keepdims: bool = False,
+    return_sign: bool = False,
+    where: ArrayLike | None = None,
+    *,
+    temperature: ArrayLike = 1.0,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""Log of the sum of exponentials; with temperature, the smooth maximum.
+
+    .. math::
+        \mathrm{lse}_t(a) = t \log \sum_i b_i \exp(a_i / t)
+            = m + t \log \sum_i b_i \exp((a_i - m) / t)
+
+    Matches :func:`jax.nn.logsumexp` on every argument. As ``t -> 0`` it is the
+    (masked) maximum, which ``t = 0`` returns exactly; ``t = inf`` is +inf when
+    more than one unit of weight is included. A slice with every entry
+    excluded gives -inf (sign 0) and zero gradients. Without ``return_sign``
+    a negative sum gives NaN, as in ``jax.nn``.
+
+    Args:
+      a: input array.
+      axis: axis or axes to reduce: an int, a tuple of ints, or None (all).
+      b: optional weights broadcastable to ``a``; may be negative.
+      keepdims: keep the reduced axes with size 1.
+      return_sign: also return the sign of the sum; the first output is then
+        the log of its absolute value.
+      where: optional boolean mask broadcastable to ``a``; False excludes.
+      temperature: t >= 0, scalar or one per slice (see :func:`softmax`).
+
+    Returns:
+      The reduced array, or ``(lse, sign)`` with ``return_sign=True``.
+
+    Examples:
+      >>> import jsoftmax
+      >>> jsoftmax.logsumexp(jnp.array([0.0, 0.0]))
+      Array(0.6931472, dtype=float32)
+      >>> jsoftmax.logsumexp(jnp.array([1.0, 3.0, 2.0]), temperature=0.0)
+      Array(3., dtype=float32)
+    """
+    arr, out_dtype = as_real_array("logsumexp", a, "a")
+    axes = canonicalize_axes("logsumexp", axis, arr.ndim)
+    mask = broadcast_mask("logsumexp", where, arr.shape)
+    t = canonicalize_temperature("logsumexp", temperature, arr.shape, axes, arr.dtype)
+    weights = None
+    if b is not None:
+        weights, _ = as_real_array("logsumexp", b, "b")
+        try:
+            weights = jnp.broadcast_to(weights.astype(arr.dtype), arr.shape)
+        except ValueError as err:
+            raise ValueError(
+                f"logsumexp: b has shape {weights.shape}, which does not broadcast to a's "
+                f"shape {arr.shape}; give weights of a's shape"
+            ) from err
+    lse, sign = _logsumexp_jit(axes, arr, t, mask, weights)
+    if not return_sign:
+        lse = jnp.where(sign < 0, jnp.nan, lse)
+    if not keepdims:
+        lse, sign = jnp.squeeze(lse, axes), jnp.squeeze(sign, axes)
+    lse, sign = lse.astype(out_dtype), sign.astype(out_dtype)
+    return (lse, sign) if return_sign else lse
