@@ -74,6 +74,33 @@ def _safe_total(total):
     return jnp.where(total == 0, 1.0, total)
 
 
+def _log_normalizer(y, axes, weights=None):
+    """Returns ``(log|total|, total)`` for ``total = sum(weights * exp(y))``.
+
+    The entries at the maximum (y == 0) contribute exactly their weight, so
+    with ``top`` their summed weight and ``below`` the rest,
+    log|total| = log|top| + log1p(below / top). This keeps the log accurate
+    to a few ulp when ``below`` is tiny (log(1 + 1e-10) is not 0 here), which
+    is what the largest entry of log_softmax needs.
+    """
+    unnormalized = jnp.exp(y)
+    at_top = y == 0
+    if weights is None:
+        top = _sum(at_top.astype(y.dtype), axes)
+        below = _sum(jnp.where(at_top, 0.0, unnormalized), axes)
+    else:
+        top = _sum(jnp.where(at_top, weights, 0.0), axes)
+        below = _sum(jnp.where(at_top | (weights == 0), 0.0, weights * unnormalized), axes)
+    ratio = below / jnp.where(top == 0, 1.0, top)
+    log_abs = jnp.where(
+        top == 0,
+        jnp.log(jnp.abs(below)),
+        jnp.log(jnp.abs(top))
+        + jnp.where(ratio > -1, jnp.log1p(jnp.maximum(ratio, -1.0)), jnp.log(jnp.abs(1 + ratio))),
+    )
+    return log_abs, top + below
+
+
 def _inverse_temperature(t):
     """1 / t, with 1 / 0 taken as 0: the hard max does not move with x."""
     positive = t > 0
@@ -190,7 +217,8 @@ def softmax(
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _log_softmax(axes, x, t, mask):
     y, _ = _shifted_logits(axes, x, t, mask)
-    return y - jnp.log(_safe_total(_sum(jnp.exp(y), axes)))
+    log_total, total = _log_normalizer(y, axes)
+    return y - jnp.where(total == 0, 0.0, log_total)
 
 
 def _log_softmax_jvp(axes, primals, tangents):
@@ -280,10 +308,8 @@ def _logsumexp_parts(axes, x, t, mask, b):
     divided by t; softmax is ``b * weights``)."""
     keep = None if b is None else b != 0
     y, x_max = _shifted_logits(axes, x, t, mask, keep)
+    log_total, total = _log_normalizer(y, axes, b)
     unnormalized = jnp.exp(y)
-    weighted = unnormalized if b is None else jnp.where(keep, b * unnormalized, 0.0)
-    total = _sum(weighted, axes)
-    log_total = jnp.log(jnp.abs(total))
     if t is None:
         lse = x_max + log_total
     else:
@@ -293,6 +319,7 @@ def _logsumexp_parts(axes, x, t, mask, b):
         scaled = jnp.where(unit_at_inf, 0.0, t * log_total)
         lse = jnp.where(total == 0, -_INF, x_max + scaled)
         if b is not None:
+            weighted = jnp.where(keep & (unnormalized != 0), b * unnormalized, 0.0)
             mean = _sum(jnp.where(weighted != 0, weighted * x, 0.0), axes) / _safe_total(total)
             lse = jnp.where(unit_at_inf, mean, lse)
     return lse, jnp.sign(total), unnormalized / _safe_total(total)
