@@ -1,0 +1,1 @@
+"""Benchmarks and the edge battery for jsoftmax (see BENCHMARKS.md)."""
