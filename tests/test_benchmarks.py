@@ -1,0 +1,75 @@
+"""The benchmark script and the edge battery (benchmarks/).
+
+The quick benchmark runs once per module (in-process, through ``main``); its
+edge battery is the one the README table comes from. Timings are never
+asserted: only that every case ran and produced sane numbers.
+"""
+
+import json
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import edge_cases, run
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "quick.json"
+    run.main(["--quick", "--json", str(path)])
+    return json.loads(path.read_text())
+
+
+def test_jsoftmax_passes_every_edge(quick):
+    failed = [(e["name"], e["call"], e["values"]["jsoftmax"]) for e in quick["edges"]
+              if not e["ok"]["jsoftmax"]]
+    assert not failed
+
+
+def test_edge_battery_can_fail(quick):
+    # The checks bite: jax.nn returns NaN on +inf entries and on rows of -inf.
+    by_call = {e["call"]: e for e in quick["edges"]}
+    assert not by_call["softmax([1, inf, 2, inf])"]["ok"]["jax.nn"]
+    assert not by_call["softmax([-inf, -inf, -inf])"]["ok"]["jax.nn"]
+    assert by_call["softmax([1, inf, 2, inf])"]["values"]["jax.nn"] == "[nan, nan, nan, nan]"
+
+
+def test_quick_run_covers_every_case(quick):
+    names = {t["function"] for t in quick["timing"]}
+    assert {"softmax", "log_softmax", "logsumexp"} <= names
+    combos = {(t["function"], t["mode"], t["dtype"]) for t in quick["timing"]}
+    assert len(combos) == len(names) * 2 * 2  # modes x dtypes
+    for t in quick["timing"]:
+        for key in ("ours_ms", "ref_ms", "floor_ms", "ratio"):
+            assert math.isfinite(t[key]) and t[key] > 0, (key, t)
+        assert t["ratio_q25"] <= t["ratio"] <= t["ratio_q75"]
+        assert t["ours_temp_bytes"] >= 0 and t["ref_temp_bytes"] >= 0
+    assert quick["machine"]["jax"]
+
+
+def test_quick_accuracy_is_within_a_few_ulps(quick):
+    # jsoftmax's own accuracy (the float64 reference is independent of it).
+    worst = max(a["ours_ulp"] for a in quick["accuracy"])
+    assert worst <= 8, quick["accuracy"]
+
+
+def test_ulp_error_counts_spacings():
+    one = np.float64(1.0)
+    assert run.ulp_error(np.array([1 + 2.0**-23]), np.array([one]), jnp.float32) == 1.0
+    assert run.ulp_error(np.array([1 + 2.0**-7]), np.array([one]), jnp.bfloat16) == 1.0
+    assert run.ulp_error(np.array([np.inf]), np.array([np.inf]), jnp.float32) == 0.0
+    assert run.ulp_error(np.array([np.nan]), np.array([1.0]), jnp.float32) == math.inf
+    # A flushed subnormal is one unit (the smallest normal), not millions.
+    assert run.ulp_error(np.array([0.0]), np.array([2.0**-127]), jnp.float32) == 0.5
+
+
+def test_reference_matches_hand_values():
+    x = np.array([[0.0, math.log(3.0)]])
+    np.testing.assert_allclose(run._ref64("softmax", x), [[0.25, 0.75]], rtol=1e-15)
+    np.testing.assert_allclose(run._ref64("logsumexp", x), [math.log(4.0)], rtol=1e-15)
+
+
+def test_edge_values_are_formatted_compactly():
+    assert edge_cases.format_value([0.0, -math.inf, math.nan, 0.5]) == "[0, -inf, nan, 0.5]"
