@@ -60,7 +60,7 @@ print(jax.nn.softmax(jnp.array([10.0, 2.0, 10000.0, 4.0])))
 # %% [markdown]
 # ## 3. Log-softmax through logsumexp
 #
-# Taking the log of a softmax throws information away: probabilities below ~1e-45 are 0 in
+# Taking the log of a softmax throws information away: probabilities below about 1e-38 are 0 in
 # float32, and $\log 0 = -\infty$. The log-domain formula never leaves the log domain:
 # $$\log \mathrm{softmax}(x)_i = x_i - m - \log \sum_j e^{x_j - m}, \qquad m = \max_j x_j.$$
 # %%
@@ -70,7 +70,8 @@ print("log_softmax(x): ", jsoftmax.log_softmax(x))
 print("logsumexp(x):   ", jsoftmax.logsumexp(x))
 # %% [markdown]
 # The gap matters for training: a cross-entropy on `log(softmax)` gives `inf` loss and NaN
-# gradients as soon as a logit gap exceeds ~100. The plot shows log-probability of the smaller
+# gradients once a logit gap exceeds about 87 (e^-87 is float32's smallest normal number;
+# XLA flushes smaller ones to zero). The plot shows the log-probability of the smaller
 # of two logits as the gap grows: the naive route falls off a cliff at the float32 limit.
 # %%
 gaps = np.linspace(0, 200, 401, dtype=np.float32)
