@@ -1,6 +1,7 @@
 """jsoftmax: the softmax family for JAX, with defined behaviour at every edge."""
 
 from jsoftmax.core import log_softmax, logsumexp, softmax
+from jsoftmax.losses import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
 
 __version__ = "0.1.0"
 
@@ -9,4 +10,6 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "softmax",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
 ]
