@@ -347,7 +347,8 @@ def softmax_cross_entropy_with_integer_labels(
       >>> jsoftmax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, 3]))
       Array([0.2761297,       nan], dtype=float32)
       >>> masked = jnp.array([[True, True, True], [False, False, False]])
-      >>> jsoftmax.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, -1]), where=masked)
+      >>> labels = jnp.array([0, -1])  # -1: padding, masked out
+      >>> jsoftmax.softmax_cross_entropy_with_integer_labels(logits, labels, where=masked)
       Array([0.2761297, 0.       ], dtype=float32)
     """
     name = "softmax_cross_entropy_with_integer_labels"
