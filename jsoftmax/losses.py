@@ -199,7 +199,7 @@ def softmax_cross_entropy(
 # --------------------------------------------------------------------------
 
 
-def _integer_cross_entropy(x, labels, mask, t, alpha):
+def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced):
     """The loss on flattened inputs: classes on the last axis, keepdims.
 
     The cross-entropy of a label y is ``lse_t(x - x_y) / t``: one masked
@@ -224,7 +224,9 @@ def _integer_cross_entropy(x, labels, mask, t, alpha):
     top_is_inf = label_in & (x_y == _INF)
     special = top_is_inf
     z_special = jnp.where(x == _INF, 0.0, -_INF)
-    if t is not None:
+    if t is not None and not limits:
+        t_arg = t  # 0 < t < inf: lse_t of the 0 / -inf indicator is t log k
+    elif t is not None:
         t_zero, t_inf = t == 0, t == _INF
         special = special | (label_in & (t_zero | t_inf))
         above = jnp.where(x > x_y, _INF, jnp.where(x == x_y, 0.0, -_INF))
@@ -241,6 +243,8 @@ def _integer_cross_entropy(x, labels, mask, t, alpha):
     finite = jnp.isfinite(lse)
     if t_arg is None:
         scaled = lse
+    elif not t_traced:
+        scaled = lse / t_arg  # t is a constant, with no cotangent to spoil
     else:
         # Select before dividing so that t never meets an infinite numerator
         # (its cotangent would be 0 * inf = NaN).
@@ -271,13 +275,13 @@ def _integer_cross_entropy(x, labels, mask, t, alpha):
     t_scale = 1.0 if t_arg is None else t_arg
     ordinary = scaled - alpha * jnp.where(finite_total, total, 0.0) / (safe_count * t_scale)
     use_ordinary = valid & finite & finite_total & ~special & (label_in | (alpha == 1))
-    if t is not None:
+    if limits:
         use_ordinary = use_ordinary & ~t_zero & ~t_inf
 
     # Everything else is a constant. In the limits (t = 0, t = inf, a kept
     # logit of +inf) each -log_softmax is log(#top) on the top classes and
     # +inf elsewhere, so S is log K when every kept class is on top.
-    if t is None:
+    if not limits:
         on_top = x == _INF
     else:
         top = logsumexp(x, -1, None, True, False, mask, temperature=0.0)  # the max
@@ -294,7 +298,7 @@ def _integer_cross_entropy(x, labels, mask, t, alpha):
     return jnp.where(use_ordinary, ordinary, jax.lax.stop_gradient(constant))[..., 0]
 
 
-_integer_cross_entropy_jit = jax.jit(_integer_cross_entropy)
+_integer_cross_entropy_jit = jax.jit(_integer_cross_entropy, static_argnums=(5, 6))
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -380,4 +384,13 @@ def softmax_cross_entropy_with_integer_labels(
     if mask is not None:
         mask = _flatten_slices(mask, batch_axes, axes)
     t = _slice_temperature(t, sorted_axes)
-    return _integer_cross_entropy_jit(x, y, mask, t, alpha).astype(out_dtype)
+    # Whether t may be 0 or inf: only then are those limits compiled in.
+    if t is None:
+        limits = False
+    elif is_traced(temperature):
+        limits = True
+    else:
+        values = np.asarray(temperature, np.float64)
+        limits = bool(np.any((values == 0) | np.isinf(values)))
+    traced = is_traced(temperature)
+    return _integer_cross_entropy_jit(x, y, mask, t, alpha, limits, traced).astype(out_dtype)
