@@ -119,12 +119,60 @@ def _sum(v, axes):
 
 
 # --------------------------------------------------------------------------
+# The fast path: no temperature, no mask, no logsumexp weights.
+#
+# XLA on CPU compiles max, subtract, exp, sum and divide over a slice into one
+# fused kernel, but a compare or select anywhere in that chain splits it into
+# several passes over memory (1.2-5x slower than jax.nn). These helpers give
+# the results of ``_shifted_logits`` and ``_log_normalizer`` for t = 1 and no
+# mask with only min, max, sign and arithmetic per element.
+# --------------------------------------------------------------------------
+
+
+def _plain_logits(axes, x, exclude=True):
+    """``(y, x_max)`` with ``y = _shifted_logits(axes, x, None, None)[0]``.
+
+    The shift is the slice max clamped to the finite range, so that a slice of
+    -inf gives -inf - (-big) = -inf rather than NaN. On a slice whose max is
+    +inf, x is first halved: +inf -> min(+inf, big) - big = 0, while a finite
+    entry lands at or below -big / 2 (exp gives 0); ``exclude`` then sends those
+    entries to -inf by a factor 4. Elsewhere y = x - max exactly.
+    """
+    big = jnp.finfo(x.dtype).max
+    x_max = jnp.max(x, axis=axes, keepdims=True, initial=-_INF)
+    at_inf = jnp.sign(jnp.maximum(x_max - big, 0.0))  # 1 where the max is +inf, else 0
+    # Two mins, not min(max(..)): XLA would make a clamp, which its fusion rejects.
+    shift = -jnp.minimum(-jnp.minimum(x_max, big), big)
+    y = jnp.minimum(x * (1.0 - 0.5 * at_inf), big) - shift
+    return (y * (1.0 + 3.0 * at_inf) if exclude else y), x_max
+
+
+def _plain_log_normalizer(axes, y):
+    """``(log_total, total)`` as ``_log_normalizer(y, axes)``, without selects.
+
+    y <= 0, so exp(y) is exactly 1 at the maximum and floor(exp(y)) counts the
+    entries there. (An entry within 2^-24 of the max also counts, which moves
+    the total by less than one rounding.) A slice with nothing included has
+    log_total = log 1 + log1p(0) = 0.
+    """
+    unnormalized = jnp.exp(y)
+    at_top = jnp.floor(unnormalized)
+    top = _sum(at_top, axes)
+    below = _sum(unnormalized - at_top, axes)
+    safe_top = jnp.maximum(top, 1.0)
+    return jnp.log(safe_top) + jnp.log1p(below / safe_top), top + below
+
+
+# --------------------------------------------------------------------------
 # softmax
 # --------------------------------------------------------------------------
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _softmax(axes, x, t, mask):
+    if t is None and mask is None:
+        unnormalized = jnp.exp(_plain_logits(axes, x, exclude=False)[0])
+        return unnormalized / jnp.maximum(_sum(unnormalized, axes), 1.0)
     y, _ = _shifted_logits(axes, x, t, mask)
     unnormalized = jnp.exp(y)
     return unnormalized / _safe_total(_sum(unnormalized, axes))
@@ -157,7 +205,7 @@ def _softmax_tangent(axes, probs, t, dx, dt):
         out = probs * (u - _sum(probs * u, axes))
         return out if t is None else out * _inverse_temperature(t)
 
-    return jax.checkpoint(tangent)(probs, t, dx, dt)
+    return jax.checkpoint(tangent, prevent_cse=False)(probs, t, dx, dt)
 
 
 _softmax_jit = jax.jit(_softmax, static_argnums=0)
@@ -218,6 +266,9 @@ def softmax(
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _log_softmax(axes, x, t, mask):
+    if t is None and mask is None:
+        y, _ = _plain_logits(axes, x)
+        return y - _plain_log_normalizer(axes, y)[0]
     y, _ = _shifted_logits(axes, x, t, mask)
     log_total, total = _log_normalizer(y, axes)
     return y - jnp.where(total == 0, 0.0, log_total)
@@ -226,8 +277,42 @@ def _log_softmax(axes, x, t, mask):
 def _log_softmax_jvp(axes, primals, tangents):
     x, t, mask = primals
     dx, dt, _ = tangents
+    if t is None and mask is None:
+        y, _ = _plain_logits(axes, x)
+        log_total = _plain_log_normalizer(axes, y)[0]
+        return y - log_total, _plain_log_softmax_tangent(axes, y, log_total, _value(dx))
     log_probs = _log_softmax(axes, x, t, mask)
     return log_probs, _log_softmax_tangent(axes, log_probs, t, _value(dx), _value(dt))
+
+
+def _plain_log_softmax_tangent(axes, y, log_total, dx):
+    """The fast path's d log_softmax = dx - sum(softmax * dx), from ``y`` (the
+    single input-sized residual) and the per-slice ``log_total``.
+
+    With e = exp(y) (exactly 1 at the max) and q = 1 - 1/total = -expm1(-log_total),
+    sum(softmax * dx) = sum(e * dx) - sum(q e * dx). Kept as two sums, reverse
+    mode gives the cotangent (g - e G) + q e G: the cancellation at the max
+    happens before the small term is added, so a component like
+    1 - softmax_max ~ 5.6e-17 (float64) survives instead of rounding to 0. The
+    order of the two sums below fixes that order of accumulation. Excluded
+    entries (y = -inf) are masked as in ``_log_softmax_tangent``.
+    """
+    if dx is None:
+        return jnp.zeros_like(y)
+
+    def tangent(y, log_total, dx):
+        unnormalized = jnp.exp(y)
+        q = -jnp.expm1(-log_total)
+        small = _sum((q * unnormalized) * dx, axes)  # first here, added last in reverse
+        moment = _sum(unnormalized * dx, axes)
+        # 1 where y is finite, 0 where y = -inf, without a select (which XLA's
+        # fused CPU kernel rejects): a finite y is at least -2 * max, so
+        # y * tiny lies in [-8, 0], while -inf stays -inf and is clipped to -9.
+        tiny = jnp.finfo(y.dtype).tiny
+        included = jnp.minimum(jnp.maximum(y * tiny, -9.0) + 9.0, 1.0)
+        return ((dx - moment) + small) * included
+
+    return jax.checkpoint(tangent, prevent_cse=False)(y, log_total, dx)
 
 
 _log_softmax.defjvp(_log_softmax_jvp, symbolic_zeros=True)
@@ -308,6 +393,8 @@ def _logsumexp_parts(axes, x, t, mask, b):
     """Returns ``(lse, sign, weights)`` with keepdims, where
     ``weights = exp(x / t) / sum(b * exp(x / t))`` (the derivative in ``b``
     divided by t; softmax is ``b * weights``)."""
+    if t is None and mask is None and b is None:
+        return _plain_logsumexp_parts(axes, x)
     keep = None if b is None else b != 0
     y, x_max = _shifted_logits(axes, x, t, mask, keep)
     log_total, total = _log_normalizer(y, axes, b)
@@ -325,6 +412,33 @@ def _logsumexp_parts(axes, x, t, mask, b):
             mean = _sum(jnp.where(weighted != 0, weighted * x, 0.0), axes) / _safe_total(total)
             lse = jnp.where(unit_at_inf, mean, lse)
     return lse, jnp.sign(total), unnormalized / _safe_total(total)
+
+
+def _plain_logsumexp_parts(axes, x):
+    """``_logsumexp_parts`` for t = 1, no mask and no weights, with one sum.
+
+    max + log(total) is as accurate as the split normaliser of
+    ``_log_normalizer`` except on a slice whose total is below 2 (one entry on
+    top, the rest summing to less than 1) and whose result is below 1 in
+    magnitude: there log's absolute error of an ulp or so is a large relative
+    error. Only if such a slice exists is the split normaliser (a second sum)
+    computed, so ordinary inputs pay for one sum. The edge slices need no
+    select: -inf gives log 0 = -inf, +inf gives inf + log(inf) = inf, and NaN
+    propagates through the sum.
+    """
+    big = jnp.finfo(x.dtype).max
+    x_max = jnp.max(x, axis=axes, keepdims=True, initial=-_INF)
+    unnormalized = jnp.exp(x - jnp.clip(x_max, -big, big))
+    total = _sum(unnormalized, axes)
+    lse = x_max + jnp.log(total)
+    imprecise = (total < 2) & (jnp.abs(lse) < 1)
+
+    def split(lse):
+        y, _ = _plain_logits(axes, x, exclude=False)
+        return jnp.where(imprecise, x_max + _plain_log_normalizer(axes, y)[0], lse)
+
+    lse = jax.lax.cond(jnp.any(imprecise), split, lambda lse: lse, lse)
+    return lse, jnp.sign(total), unnormalized / jnp.maximum(total, 1.0)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
