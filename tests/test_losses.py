@@ -378,6 +378,7 @@ def test_integer_loss_temporary_memory_no_larger_than_optax():
     w = jnp.ones((n, v), bool)
     assert _temp_bytes(integer_ce, n, v, where=w) < n * v * 4 // 8
     assert _temp_bytes(integer_ce, n, v, temperature=0.7) < n * v * 4 // 8
+    assert _temp_bytes(integer_ce, n, v, label_smoothing=0.1) < n * v * 4 // 8
 
 
 def test_public_exports():
