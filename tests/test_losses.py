@@ -293,6 +293,7 @@ _OPTAX_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
 @pytest.mark.parametrize("case", sorted(_OPTAX_CASES))
 def test_optax_own_test_cases_pass_with_our_functions(case, monkeypatch):
