@@ -522,6 +522,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DemoError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
