@@ -65,13 +65,42 @@ def _shifted_logits(axes, x, t, mask, keep=None):
     y = jnp.where(t == _INF, jnp.where(diff == -_INF, -_INF, 0.0), diff / t)
     y = jnp.where(x_max == _INF, -_INF, y)
     y = jnp.where((x == x_max) & (x_max > -_INF), 0.0, y)
-    y = jnp.where(t >= 0, y, jnp.nan)
+    # Added rather than selected: XLA:CPU (jax 0.10.2) returns garbage for exp
+    # of a select whose other branch is a NaN constant.
+    y = y + jnp.where(t >= 0, 0.0, jnp.nan)
     return y, x_max
 
 
 def _safe_total(total):
     """The normaliser with 0 (a slice with nothing included) replaced by 1."""
     return jnp.where(total == 0, 1.0, total)
+
+
+def _log_normalizer(y, axes, weights=None):
+    """Returns ``(log|total|, total)`` for ``total = sum(weights * exp(y))``.
+
+    The entries at the maximum (y == 0) contribute exactly their weight, so
+    with ``top`` their summed weight and ``below`` the rest,
+    log|total| = log|top| + log1p(below / top). This keeps the log accurate
+    to a few ulp when ``below`` is tiny (log(1 + 1e-10) is not 0 here), which
+    is what the largest entry of log_softmax needs.
+    """
+    unnormalized = jnp.exp(y)
+    at_top = y == 0
+    if weights is None:
+        top = _sum(at_top.astype(y.dtype), axes)
+        below = _sum(jnp.where(at_top, 0.0, unnormalized), axes)
+    else:
+        top = _sum(jnp.where(at_top, weights, 0.0), axes)
+        below = _sum(jnp.where(at_top | (weights == 0), 0.0, weights * unnormalized), axes)
+    ratio = below / jnp.where(top == 0, 1.0, top)
+    log_abs = jnp.where(
+        top == 0,
+        jnp.log(jnp.abs(below)),
+        jnp.log(jnp.abs(top))
+        + jnp.where(ratio > -1, jnp.log1p(jnp.maximum(ratio, -1.0)), jnp.log(jnp.abs(1 + ratio))),
+    )
+    return log_abs, top + below
 
 
 def _inverse_temperature(t):
@@ -190,7 +219,8 @@ def softmax(
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _log_softmax(axes, x, t, mask):
     y, _ = _shifted_logits(axes, x, t, mask)
-    return y - jnp.log(_safe_total(_sum(jnp.exp(y), axes)))
+    log_total, total = _log_normalizer(y, axes)
+    return y - jnp.where(total == 0, 0.0, log_total)
 
 
 def _log_softmax_jvp(axes, primals, tangents):
@@ -280,10 +310,8 @@ def _logsumexp_parts(axes, x, t, mask, b):
     divided by t; softmax is ``b * weights``)."""
     keep = None if b is None else b != 0
     y, x_max = _shifted_logits(axes, x, t, mask, keep)
+    log_total, total = _log_normalizer(y, axes, b)
     unnormalized = jnp.exp(y)
-    weighted = unnormalized if b is None else jnp.where(keep, b * unnormalized, 0.0)
-    total = _sum(weighted, axes)
-    log_total = jnp.log(jnp.abs(total))
     if t is None:
         lse = x_max + log_total
     else:
@@ -293,6 +321,7 @@ def _logsumexp_parts(axes, x, t, mask, b):
         scaled = jnp.where(unit_at_inf, 0.0, t * log_total)
         lse = jnp.where(total == 0, -_INF, x_max + scaled)
         if b is not None:
+            weighted = jnp.where(keep & (unnormalized != 0), b * unnormalized, 0.0)
             mean = _sum(jnp.where(weighted != 0, weighted * x, 0.0), axes) / _safe_total(total)
             lse = jnp.where(unit_at_inf, mean, lse)
     return lse, jnp.sign(total), unnormalized / _safe_total(total)
