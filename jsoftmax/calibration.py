@@ -212,8 +212,8 @@ def _fit_log_temperature(logits, labels, max_steps):
 
     def keep_going(carry):
         _, state = carry
-        count = optax.tree.get(state, "count")
-        grad = optax.tree.get(state, "grad")
+        count = optax.tree_utils.tree_get(state, "count")
+        grad = optax.tree_utils.tree_get(state, "grad")
         return (count == 0) | ((count < max_steps) & (jnp.abs(grad) > 1e-6))
 
     log_t = jnp.zeros((), logits.dtype)

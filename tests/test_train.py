@@ -79,17 +79,17 @@ def test_reliability_bins_hand_computed():
 
 def test_ece_is_zero_when_confidence_matches_accuracy():
     # Ten examples at confidence 0.7, seven of them right: perfectly calibrated.
-    probs = np.tile([0.7, 0.3], (10, 1))
+    probs = np.tile(np.float32([0.7, 0.3]), (10, 1))
     labels = np.array([0] * 7 + [1] * 3)
     assert float(jsoftmax.expected_calibration_error(probs, labels)) == pytest.approx(0, abs=1e-6)
     # Confidence 1 goes in the last bin; all wrong gives ECE 1.
-    assert float(jsoftmax.expected_calibration_error([[1.0, 0.0]], [1])) == pytest.approx(1.0)
+    assert float(jsoftmax.expected_calibration_error(np.float32([[1, 0]]), [1])) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(
     ("probs", "labels", "num_bins", "error"),
     [
-        (np.ones(3) / 3, np.array([0]), 15, ValueError),  # not (N, K)
+        (np.ones(3, np.float32) / 3, np.array([0]), 15, ValueError),  # not (N, K)
         (HAND_PROBS, HAND_LABELS.astype(float), 15, TypeError),
         (HAND_PROBS, HAND_LABELS[:3], 15, ValueError),
         (HAND_PROBS, HAND_LABELS, 0, ValueError),
@@ -108,7 +108,7 @@ def test_ece_bad_input(probs, labels, num_bins, error):
 def test_fit_temperature_closed_form():
     # Logits +-4, three of four right: the NLL is minimal where the
     # confidence sigmoid(4 / t) equals the accuracy 3/4, so t = 4 / log 3.
-    logits = np.array([[4.0, 0.0], [4.0, 0.0], [0.0, 4.0], [0.0, 4.0]])
+    logits = np.float32([[4, 0], [4, 0], [0, 4], [0, 4]])
     t = float(jsoftmax.fit_temperature(logits, np.array([0, 1, 1, 1])))
     assert t == pytest.approx(4 / math.log(3), rel=1e-4)
 
