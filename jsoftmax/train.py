@@ -501,7 +501,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _print_summary(m: dict[str, Any]) -> None:
     n_train, n_val, n_test = m["split_sizes"]
     rows = [
-        ("test accuracy", f"{m['test_accuracy']:.4f}", ""),
+        ("test accuracy", f"{m['test_accuracy']:.4f}", f"{m['test_accuracy']:.4f}"),
         ("test NLL", f"{m['test_nll_before']:.4f}", f"{m['test_nll_after']:.4f}"),
         (f"test ECE ({NUM_BINS} bins)", f"{m['ece_before']:.4f}", f"{m['ece_after']:.4f}"),
         ("temperature", "1", f"{m['temperature']:.4f}"),
