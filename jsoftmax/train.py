@@ -92,6 +92,12 @@ def make_spirals(
 
     Returns:
       ``(x, y)``: float32 points of shape (K * n, 2) and int32 labels.
+
+    Examples:
+      >>> from jsoftmax.train import make_spirals
+      >>> x, y = make_spirals(num_classes=3, points_per_class=5)
+      >>> x.shape, np.bincount(y).tolist()
+      ((15, 2), [5, 5, 5])
     """
     rng = np.random.default_rng(seed)
     radius = rng.uniform(0.05, 1.0, size=(num_classes, points_per_class))
@@ -152,7 +158,14 @@ def init_mlp(key: jax.Array, sizes: Sequence[int]) -> Params:
 
 
 def mlp_apply(params: Params, x: jax.Array) -> jax.Array:
-    """Logits of the MLP: ReLU hidden layers, a linear last layer."""
+    """Logits of the MLP: ReLU hidden layers, a linear last layer.
+
+    Examples:
+      >>> from jsoftmax.train import init_mlp, mlp_apply
+      >>> params = init_mlp(jax.random.key(0), [4, 8, 8, 3])
+      >>> mlp_apply(params, jnp.ones((2, 4))).shape
+      (2, 3)
+    """
     *hidden, (w_out, b_out) = params
     for w, b in hidden:
         x = jax.nn.relu(x @ w + b)
@@ -372,15 +385,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _number(kind: type, minimum: float, strict: bool) -> Callable[[str], Any]:
+def _number(
+    kind: type, minimum: float, strict: bool = False, maximum: float = math.inf
+) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` in [minimum, maximum] (minimum excluded if strict)."""
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            sign = ">" if strict else ">="
-            raise argparse.ArgumentTypeError(f"{text} is out of range; it must be {sign} {minimum}")
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        too_low = value < minimum or (strict and value == minimum)
+        if not math.isfinite(value) or too_low or value > maximum:
+            low = f"> {minimum}" if strict else f">= {minimum}"
+            high = "" if maximum == math.inf else f" and <= {maximum}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range; it must be {low}{high}")
         return value
 
     return parse
@@ -394,14 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits: scikit-learn's 8x8 digits; spirals: synthetic (default: digits)")
-    p.add_argument("--epochs", type=_number(int, 1, False), default=60, help="default: 60")
-    p.add_argument("--batch-size", type=_number(int, 1, False), default=64,
+    p.add_argument("--epochs", type=_number(int, 1), default=60, help="default: 60")
+    p.add_argument("--batch-size", type=_number(int, 1), default=64,
                    help="global batch, split over the devices (default: 64)")
     p.add_argument("--lr", type=_number(float, 0, True), default=3e-3,
                    help="Adam learning rate (default: 3e-3)")
-    p.add_argument("--hidden", type=_number(int, 1, False), default=128,
+    p.add_argument("--hidden", type=_number(int, 1), default=128,
                    help="width of the two hidden layers (default: 128)")
-    p.add_argument("--seed", type=_number(int, 0, False), default=0,
+    p.add_argument("--seed", type=_number(int, 0, maximum=2**32 - 1), default=0,
                    help="seeds the data split, initialisation and batch order (default: 0)")
     p.add_argument("--platform", choices=PLATFORMS, default="auto",
                    help="auto: a GPU if JAX sees one, else the CPU (default: auto)")
@@ -432,7 +452,7 @@ def _progress(epochs: int, enabled: bool):
         from tqdm.auto import tqdm
     except ImportError as err:
         raise DemoError(f"the progress bar needs tqdm; {_DEMO_HINT} (or pass --quiet)") from err
-    return tqdm(total=epochs, desc="training", unit="epoch", leave=False)
+    return tqdm(total=epochs, desc="training", unit="epoch")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -506,7 +526,7 @@ def _print_summary(m: dict[str, Any]) -> None:
         (f"test ECE ({NUM_BINS} bins)", f"{m['ece_before']:.4f}", f"{m['ece_after']:.4f}"),
         ("temperature", "1", f"{m['temperature']:.4f}"),
     ]
-    print(f"{m['epochs']} epochs in {m['train_seconds']:.1f} s; "
+    print(f"{m['epochs']} epochs in {m['train_seconds']:.1f} s (compilation included); "
           f"split {n_train}/{n_val}/{n_test}, temperature fitted on validation")
     print(f"{'':22}{'before':>10}{'after':>10}")
     for name, before, after in rows:
