@@ -32,13 +32,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jsoftmax.calibration import (
-    _cross_entropy,
     expected_calibration_error,
     fit_temperature,
     mean_nll,
     reliability_bins,
 )
 from jsoftmax.core import softmax
+from jsoftmax.losses import softmax_cross_entropy_with_integer_labels
 
 __all__ = [
     "Splits",
@@ -162,7 +162,7 @@ def mlp_apply(params: Params, x: jax.Array) -> jax.Array:
 
     Examples:
       >>> from jsoftmax.train import init_mlp, mlp_apply
-      >>> params = init_mlp(jax.random.key(0), [4, 8, 8, 3])
+      >>> params = init_mlp(jax.random.key(0), [4, 8, 3])
       >>> mlp_apply(params, jnp.ones((2, 4))).shape
       (2, 3)
     """
@@ -175,7 +175,7 @@ def mlp_apply(params: Params, x: jax.Array) -> jax.Array:
 def loss_fn(params: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean cross-entropy of the batch, and its logits."""
     logits = mlp_apply(params, x)
-    return jnp.mean(_cross_entropy(logits, y, 1.0)), logits
+    return jnp.mean(softmax_cross_entropy_with_integer_labels(logits, y)), logits
 
 
 def make_train_step(optimizer: optax.GradientTransformation) -> Callable:
@@ -195,7 +195,7 @@ def make_train_step(optimizer: optax.GradientTransformation) -> Callable:
     return step
 
 
-_jit_apply = jax.jit(mlp_apply)
+_jit_apply = jax.jit(lambda params, x: mlp_apply(params, x))  # no docstring copy for doctest
 
 
 # --------------------------------------------------------------------------

