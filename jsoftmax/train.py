@@ -414,9 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits: scikit-learn's 8x8 digits; spirals: synthetic (default: digits)")
-    p.add_argument("--epochs", type=_number(int, 1), default=60, help="default: 60")
+    p.add_argument("--epochs", type=_number(int, 1), default=60,
+                   help="passes over the training split (default: 60)")
     p.add_argument("--batch-size", type=_number(int, 1), default=64,
-                   help="global batch, split over the devices (default: 64)")
+                   help="global batch, split over the devices; rounded up to a multiple of "
+                   "their number (default: 64)")
     p.add_argument("--lr", type=_number(float, 0, True), default=3e-3,
                    help="Adam learning rate (default: 3e-3)")
     p.add_argument("--hidden", type=_number(int, 1), default=128,
@@ -466,6 +468,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kinds = ", ".join(sorted({d.device_kind for d in devices}))
     print(f"jsoftmax-train: {args.dataset} on {backend} "
           f"({len(devices)} device{'s' * (len(devices) > 1)}: {kinds})", flush=True)
+    if args.batch_size % len(devices):
+        rounded = -(-args.batch_size // len(devices)) * len(devices)
+        print(f"batch size {args.batch_size} rounded up to {rounded} to split over "
+              f"{len(devices)} devices")
+        args.batch_size = rounded
     data = load_dataset(args.dataset, args.seed)
     bar = _progress(args.epochs, not args.quiet and sys.stderr.isatty())
 
