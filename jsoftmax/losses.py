@@ -218,7 +218,14 @@ def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced):
     if mask is not None:
         label_in = label_in & jnp.take_along_axis(mask, index, axis=-1)
     shift = jnp.where(jnp.isfinite(x_y), x_y, 0.0)
-    z = x - shift
+    # With label smoothing the shift is pinned for differentiation and the
+    # label's own derivative, -1/t, is added through `moved` below (value 0).
+    # Otherwise it comes back as minus the row sum of the z cotangent, a
+    # reduction over [batch, classes] that, next to the smoothing term's
+    # gradient, makes XLA keep that cotangent as a temporary. (Without
+    # smoothing, pinning measured slightly more memory, so it is not done.)
+    pinned = shift if alpha is None else jax.lax.stop_gradient(shift)
+    z = x - pinned
 
     # Rows whose loss is a limit: log(#top) if the label is on top, else +inf.
     top_is_inf = label_in & (x_y == _INF)
@@ -249,6 +256,7 @@ def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced):
         # Select before dividing so that t never meets an infinite numerator
         # (its cotangent would be 0 * inf = NaN).
         scaled = jnp.where(finite, jnp.where(finite, lse, 0.0) / t_arg, lse)
+    t_scale = 1.0 if t_arg is None else t_arg
     # Where the label is not a kept class the loss is a constant: 0 for an
     # example with nothing kept, NaN for a label out of range or a NaN in the
     # example, +inf otherwise. One select keeps the backward pass lean.
@@ -270,10 +278,14 @@ def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced):
     safe_count = jnp.where(count == 0, 1.0, count)
     # sum(x) - K s rather than sum(x - s): x - s feeds the logsumexp, and a
     # second reader would make XLA keep it as a [batch, classes] array.
-    total = jnp.sum(jnp.where(kept, x, 0.0), -1, keepdims=True) - count * shift
+    moved = jnp.where(special, 0.0, shift - pinned) / t_scale
+    total = jnp.sum(jnp.where(kept, x, 0.0), -1, keepdims=True) - count * pinned
     finite_total = jnp.isfinite(total)
-    t_scale = 1.0 if t_arg is None else t_arg
-    ordinary = scaled - alpha * jnp.where(finite_total, total, 0.0) / (safe_count * t_scale)
+    ordinary = (
+        scaled
+        - alpha * jnp.where(finite_total, total, 0.0) / (safe_count * t_scale)
+        - (1.0 - alpha) * moved
+    )
     use_ordinary = valid & finite & finite_total & ~special & (label_in | (alpha == 1))
     if limits:
         use_ordinary = use_ordinary & ~t_zero & ~t_inf

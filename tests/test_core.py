@@ -269,6 +269,10 @@ def test_nan_poisons_only_its_slice():
         assert np.all(np.isfinite(out[1]))
     lse = np.asarray(jsoftmax.logsumexp(x, axis=-1))
     assert np.isnan(lse[0]) and np.isfinite(lse[1])
+    for t in (0.0, 0.5, INF):  # the limits must not hide a NaN either
+        for fn in FUNCS:
+            out = np.asarray(fn(x, temperature=t))
+            assert np.all(np.isnan(out[0])) and not np.any(np.isnan(out[1])), (fn, t)
     # A NaN that is masked out is excluded like any other entry.
     s = jsoftmax.softmax(x, where=~jnp.isnan(x))
     np.testing.assert_allclose(s[0], [ref_softmax(np.array([1.0, 3.0]))[0], 0, 0.8807971], 1e-6)
@@ -598,3 +602,14 @@ def test_property_log_softmax_is_log_of_softmax(x):
     normal = s > np.finfo(np.float32).tiny * 1e6
     np.testing.assert_allclose(ls[normal], np.log(s[normal]), atol=4 * EPS32, rtol=4 * EPS32)
     assert np.all(ls <= 0)
+
+
+def test_float64_numpy_input_without_x64_is_quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = jsoftmax.softmax(np.array([1.0, 2.0]))
+        lse = jsoftmax.logsumexp(np.array([1.0, 2.0]), b=np.array([1.0, 1.0]))
+    assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref_softmax(np.array([1.0, 2.0])), rtol=1e-6)

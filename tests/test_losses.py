@@ -5,7 +5,9 @@ hand below (``_reference_log_softmax``), optax itself on ordinary inputs,
 and optax's own test cases run against our functions.
 """
 
+import importlib.util
 import unittest
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -291,6 +293,7 @@ _OPTAX_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
 @pytest.mark.parametrize("case", sorted(_OPTAX_CASES))
 def test_optax_own_test_cases_pass_with_our_functions(case, monkeypatch):
@@ -376,8 +379,32 @@ def test_integer_loss_temporary_memory_no_larger_than_optax():
     w = jnp.ones((n, v), bool)
     assert _temp_bytes(integer_ce, n, v, where=w) < n * v * 4 // 8
     assert _temp_bytes(integer_ce, n, v, temperature=0.7) < n * v * 4 // 8
+    assert _temp_bytes(integer_ce, n, v, label_smoothing=0.1) < n * v * 4 // 8
 
 
 def test_public_exports():
     assert jsoftmax.softmax_cross_entropy is softmax_cross_entropy
     assert "softmax_cross_entropy_with_integer_labels" in jsoftmax.__all__
+
+
+def test_readme_edge_case_table_script_runs_and_agrees():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "loss_edge_cases.py"
+    spec = importlib.util.spec_from_file_location("loss_edge_cases", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.edge_case_table()
+    assert module.format_table(rows).count("\n") == len(rows) + 1
+    ours = {row["case"]: (row["jsoftmax loss"], row["jsoftmax grad"]) for row in rows}
+    assert ours == {
+        "logit -inf, label 0 (probability labels)": ("0.3133", "finite"),
+        "logit -inf elsewhere (integer label)": ("0.3133", "finite"),
+        "positive label on a -inf logit": ("+inf", "0"),
+        "integer label on a -inf logit": ("+inf", "0"),
+        "every logit -inf": ("0", "0"),
+        "every class masked by `where`": ("0", "0"),
+        "integer label on a masked class": ("+inf", "0"),
+        "integer label 3 of 3 classes, under jit": ("NaN", "0"),
+        "integer label -1, under jit": ("NaN", "0"),
+        "masked example with padding label -1": ("0", "0"),
+        "label smoothing 0.1 with a -inf logit": ("+inf", "0"),
+    }
