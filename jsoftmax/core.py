@@ -131,6 +131,19 @@ def _sum_pair(a, b, axes):
 # --------------------------------------------------------------------------
 
 
+def _nan_if_inf(total):
+    """0, or NaN where a slice total is infinite (or NaN).
+
+    XLA's fused CPU kernel computes min(NaN, c) as c, so the min in
+    ``_plain_logits`` can turn a NaN entry into a huge finite logit; on a slice
+    whose max is finite its exp is then +inf, which no ordinary slice can sum
+    to (each term is at most 1). Adding this per-slice term makes such a slice
+    NaN again. (A NaN in a slice whose max is +inf looks like one more +inf
+    entry there; only the general path tells them apart.)
+    """
+    return total - total
+
+
 def _plain_logits(axes, x, exclude=True):
     """``(y, x_max)`` with ``y = _shifted_logits(axes, x, None, None)[0]``.
 
@@ -142,11 +155,21 @@ def _plain_logits(axes, x, exclude=True):
     """
     big = jnp.finfo(x.dtype).max
     x_max = jnp.max(x, axis=axes, keepdims=True, initial=-_INF)
-    at_inf = jnp.sign(jnp.maximum(x_max - big, 0.0))  # 1 where the max is +inf, else 0
+    finite_max = big / jnp.maximum(x_max, big)  # 0 where the max is +inf, else 1
     # Two mins, not min(max(..)): XLA would make a clamp, which its fusion rejects.
     shift = -jnp.minimum(-jnp.minimum(x_max, big), big)
-    y = jnp.minimum(x * (1.0 - 0.5 * at_inf), big) - shift
-    return (y * (1.0 + 3.0 * at_inf) if exclude else y), x_max
+    y = jnp.minimum(x * (0.5 + 0.5 * finite_max), big) - shift
+    return (y * (4.0 - 3.0 * finite_max) if exclude else y), x_max
+
+
+def _plain_softmax_parts(axes, x):
+    """``(exp(y), normalizer, x_max, total)``: softmax = exp(y) / normalizer, where
+    the normalizer is the slice total, 1 for a slice with nothing included,
+    and NaN for a slice with a NaN (see ``_nan_if_inf``)."""
+    y, x_max = _plain_logits(axes, x, exclude=False)
+    unnormalized = jnp.exp(y)
+    total = _sum(unnormalized, axes)
+    return unnormalized, jnp.maximum(total, 1.0) + _nan_if_inf(total), x_max, total
 
 
 def _plain_log_normalizer(axes, y):
@@ -173,8 +196,8 @@ def _plain_log_normalizer(axes, y):
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _softmax(axes, x, t, mask):
     if t is None and mask is None:
-        unnormalized = jnp.exp(_plain_logits(axes, x, exclude=False)[0])
-        return unnormalized / jnp.maximum(_sum(unnormalized, axes), 1.0)
+        unnormalized, normalizer, _, _ = _plain_softmax_parts(axes, x)
+        return unnormalized / normalizer
     y, _ = _shifted_logits(axes, x, t, mask)
     unnormalized = jnp.exp(y)
     return unnormalized / _safe_total(_sum(unnormalized, axes))
@@ -420,30 +443,17 @@ def _logsumexp_parts(axes, x, t, mask, b):
 
 
 def _plain_logsumexp_parts(axes, x):
-    """``_logsumexp_parts`` for t = 1, no mask and no weights, with one sum.
+    """``_logsumexp_parts`` for t = 1, no mask and no weights: the same one sum
+    as the general path, over the select-free logits of ``_plain_logits``.
 
-    max + log(total) is as accurate as the split normaliser of
-    ``_log_normalizer`` except on a slice whose total is below 2 (one entry on
-    top, the rest summing to less than 1) and whose result is below 1 in
-    magnitude: there log's absolute error of an ulp or so is a large relative
-    error. Only if such a slice exists is the split normaliser (a second sum)
-    computed, so ordinary inputs pay for one sum. The edge slices need no
-    select: -inf gives log 0 = -inf, +inf gives inf + log(inf) = inf, and NaN
-    propagates through the sum.
+    Those are the logits of the fast softmax too, so that in a gradient XLA
+    computes their exponentials once for both. A slice of -inf gives
+    -inf + log 0 = -inf, one whose max is +inf gives inf + log(count) = inf,
+    and NaN propagates through the sum.
     """
-    big = jnp.finfo(x.dtype).max
-    x_max = jnp.max(x, axis=axes, keepdims=True, initial=-_INF)
-    unnormalized = jnp.exp(x - jnp.clip(x_max, -big, big))
-    total = _sum(unnormalized, axes)
-    lse = x_max + jnp.log(total)
-    imprecise = (total < 2) & (jnp.abs(lse) < 1)
-
-    def split(lse):
-        y, _ = _plain_logits(axes, x, exclude=False)
-        return jnp.where(imprecise, x_max + _plain_log_normalizer(axes, y)[0], lse)
-
-    lse = jax.lax.cond(jnp.any(imprecise), split, lambda lse: lse, lse)
-    return lse, jnp.sign(total), unnormalized / jnp.maximum(total, 1.0)
+    unnormalized, normalizer, x_max, total = _plain_softmax_parts(axes, x)
+    # normalizer is the total except 1 for an empty slice, where x_max = -inf.
+    return x_max + jnp.log(normalizer), jnp.sign(total), unnormalized / normalizer
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))

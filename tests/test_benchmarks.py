@@ -50,9 +50,15 @@ def test_quick_run_covers_every_case(quick):
 
 
 def test_quick_accuracy_is_within_a_few_ulps(quick):
-    # jsoftmax's own accuracy (the float64 reference is independent of it).
-    worst = max(a["ours_ulp"] for a in quick["accuracy"])
-    assert worst <= 8, quick["accuracy"]
+    # Against the independent float64 reference: log_softmax and logsumexp
+    # within a few ulps everywhere; softmax's tiny entries inherit the rounding
+    # of x - max (relative error ~ |x - max| eps, for any implementation), so
+    # there jsoftmax must simply be no worse than jax.nn.
+    for a in quick["accuracy"]:
+        if a["function"] == "softmax":
+            assert a["ours_ulp"] <= max(8.0, a["ref_ulp"]), a
+        else:
+            assert a["ours_ulp"] <= 4.0, a
 
 
 def test_ulp_error_counts_spacings():
