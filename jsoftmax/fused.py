@@ -35,7 +35,6 @@ __all__ = ["fused_linear_cross_entropy"]
 
 _NAME = "fused_linear_cross_entropy"
 _F32 = jnp.float32
-_LOW_PRECISION = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 # Default number of logits per chunk (rows x columns): about 32 MiB of float32
 # for each [N, chunk] temporary. See _default_chunk_size and benchmarks/fused.py.
@@ -50,14 +49,19 @@ def _default_chunk_size(n: int, v: int) -> int:
     return int(min(chunk, v))
 
 
+def _acc(dtype):
+    """The accumulation dtype: float32 for 16-bit inputs, else the input's own."""
+    return jnp.promote_types(dtype, _F32)
+
+
 def _dot(a, b):
-    """``a @ b`` with float32 accumulation (operands keep their dtype)."""
-    return jnp.matmul(a, b, preferred_element_type=_F32)
+    """``a @ b`` accumulated in at least float32 (operands keep their dtype)."""
+    return jnp.matmul(a, b, preferred_element_type=_acc(a.dtype))
 
 
 def _dot_tn(a, b):
-    """``a.T @ b`` with float32 accumulation, without materialising ``a.T``."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
+    """``a.T @ b`` accumulated in at least float32, without materialising ``a.T``."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_acc(a.dtype))
 
 
 def _shard_offset(axis_name, v_local):
@@ -97,6 +101,7 @@ def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
     """
     n = h.shape[0]
     v_local = w.shape[1]
+    acc = _acc(h.dtype)
     if mask is not None:
         # Masked rows compute on zeros, so a NaN there cannot leak anywhere.
         h = jnp.where(mask[:, None], h, jnp.zeros((), h.dtype))
@@ -112,7 +117,7 @@ def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
         s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(y - shift[:, None]), axis=1)
         return m_new, s
 
-    carry = (jnp.full((n,), -jnp.inf, _F32), jnp.zeros((n,), _F32))
+    carry = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc))
     count, rest = _chunks(v_local, chunk)
     if count:
         carry = lax.fori_loop(
@@ -133,11 +138,15 @@ def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
     lse = shift + jnp.log(s)
 
     # The label's logit and the sum of the logits, straight from the weights.
+    def scaled_rows(r):
+        return r if inv_t is None else r * inv_t.reshape(inv_t.shape[:1])
+
     local = labels - _shard_offset(axis_name, v_local)
     here = (local >= 0) & (local < v_local)
     w_label = jnp.take(w, jnp.clip(local, 0, v_local - 1), axis=1)  # [D, N]
-    y_label = jnp.where(here, scaled(jnp.sum(h.astype(_F32) * w_label.T.astype(_F32), axis=1)), 0)
-    y_sum = scaled(_dot(h, jnp.sum(w, axis=1, dtype=_F32).astype(w.dtype)))
+    y_label = jnp.sum(h.astype(acc) * w_label.T.astype(acc), axis=1)
+    y_label = jnp.where(here, scaled_rows(y_label), 0.0)
+    y_sum = scaled_rows(_dot(h.astype(acc), jnp.sum(w, axis=1, dtype=acc)))
     y_label = _psum(y_label, axis_name)
     y_sum = _psum(y_sum, axis_name)
     valid = (labels >= 0) & (labels < _vocab_size(axis_name, v_local))
@@ -186,7 +195,8 @@ def _fused_bwd(chunk, axis_name, residuals, g):
     vocab = _vocab_size(axis_name, v_local)
     offset = _shard_offset(axis_name, v_local)
     inv_t = _inverse(t)
-    g = g.astype(_F32)
+    acc = _acc(h.dtype)
+    g = g.astype(acc)
     # d loss / d y_j = g * ((1 + 2 z lse) p_j - (1 - alpha) [j == label] - alpha / V)
     g = jnp.where(valid, g, jnp.nan)
     if mask is not None:
@@ -217,9 +227,9 @@ def _fused_bwd(chunk, axis_name, residuals, g):
         return dh, dw, ty
 
     carry = (
-        jnp.zeros(h.shape, _F32),
+        jnp.zeros(h.shape, acc),
         jnp.zeros(w.shape, w.dtype),
-        jnp.zeros((n,), _F32),
+        jnp.zeros((n,), acc),
     )
     count, rest = _chunks(v_local, chunk)
     if count:
@@ -275,7 +285,7 @@ def _check_float(arg, x):
     )
 
 
-def _check_option(arg, value, low, high, hint):
+def _check_option(arg, value, low, high, hint, dtype):
     """A non-negative (or [0, 1]) scalar option; traced values pass unchecked."""
     arr = jnp.asarray(value)
     if arr.ndim != 0:
@@ -284,7 +294,7 @@ def _check_option(arg, value, low, high, hint):
         v = float(np.asarray(value))
         if not (low <= v <= high):
             raise ValueError(f"{_NAME}: {arg} must be in [{low}, {high}] ({hint}); got {v!r}")
-    return arr.astype(_F32)
+    return arr.astype(dtype)
 
 
 def fused_linear_cross_entropy(
@@ -401,17 +411,18 @@ def fused_linear_cross_entropy(
                 f"{_NAME}: temperature must be finite and > 0 here; for the hard-max (0) or "
                 "uniform (inf) limits use the unfused loss on hidden @ weight"
             )
-    alpha = _check_option("label_smoothing", label_smoothing, 0.0, 1.0, "0 = no smoothing")
-    zeta = _check_option("z_loss", z_loss, 0.0, np.inf, "0 = no z-loss; PaLM uses 1e-4")
-
     dtype = jnp.result_type(h.dtype, w.dtype)
+    acc = _acc(dtype)
+    alpha = _check_option("label_smoothing", label_smoothing, 0.0, 1.0, "0 = no smoothing", acc)
+    zeta = _check_option("z_loss", z_loss, 0.0, np.inf, "0 = no z-loss; PaLM uses 1e-4", acc)
+
     h, w = h.astype(dtype), w.astype(dtype)
     n = int(np.prod(batch, dtype=np.int64))
     d, v = w.shape
     h2 = h.reshape(n, d)
     lab = lab.reshape(n).astype(jnp.int32)
     mask = None if mask is None else mask.reshape(n)
-    t = canonicalize_temperature(_NAME, temperature, (*batch, v), (len(batch),), _F32)
+    t = canonicalize_temperature(_NAME, temperature, (*batch, v), (len(batch),), acc)
     if t is not None and t.ndim:
         t = jnp.broadcast_to(t, (*batch, 1)).reshape(n, 1)
     chunk = _default_chunk_size(n, v) if chunk_size is None else int(min(chunk_size, v))
