@@ -164,7 +164,7 @@ def test_out_of_range_label_is_nan(data, bad):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_accumulates_in_float32(data, dtype):
-    h, w, labels, g = data
+    h, _, _, _ = data
     rng = np.random.default_rng(1)
     # A wide vocabulary makes a low-precision sum of exponentials visibly wrong.
     w = rng.normal(size=(D, 4099)).astype(np.float32)
@@ -242,13 +242,13 @@ def test_compiled_memory_is_a_fraction_of_unfused():
     labels = jax.ShapeDtypeStruct((n,), jnp.int32)
 
     def temp_bytes(loss_fn):
-        step = jax.jit(jax.value_and_grad(lambda h, w, l: loss_fn(h, w, l).mean(), (0, 1)))
+        step = jax.jit(jax.value_and_grad(lambda h, w, y: loss_fn(h, w, y).mean(), (0, 1)))
         return step.lower(h, w, labels).compile().memory_analysis().temp_size_in_bytes
 
     unfused = temp_bytes(
-        lambda h, w, l: optax.losses.softmax_cross_entropy_with_integer_labels(h @ w, l)
+        lambda h, w, y: optax.losses.softmax_cross_entropy_with_integer_labels(h @ w, y)
     )
-    fused = temp_bytes(lambda h, w, l: fused_linear_cross_entropy(h, w, l, chunk_size=256))
+    fused = temp_bytes(lambda h, w, y: fused_linear_cross_entropy(h, w, y, chunk_size=256))
     assert unfused >= 2 * n * v * 4  # the logits and their gradient
     assert fused * 8 <= unfused, (fused, unfused)
 
