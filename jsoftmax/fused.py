@@ -36,9 +36,10 @@ __all__ = ["fused_linear_cross_entropy"]
 _NAME = "fused_linear_cross_entropy"
 _F32 = jnp.float32
 
-# Default number of logits per chunk (rows x columns): about 32 MiB of float32
-# for each [N, chunk] temporary. See _default_chunk_size and benchmarks/fused.py.
-_CHUNK_ELEMENTS = 1 << 23
+# Default number of logits per chunk (rows x columns): 8 MiB of float32 for each
+# [N, chunk] temporary, which stays in a CPU's last-level cache; larger chunks
+# were slower on CPU and no smaller in the loop overhead (benchmarks/fused.py).
+_CHUNK_ELEMENTS = 1 << 21
 _MIN_CHUNK = 256
 
 
@@ -71,6 +72,10 @@ def _shard_offset(axis_name, v_local):
     return lax.axis_index(axis_name) * v_local
 
 
+def _axis_names(axis_name):
+    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
 def _psum(x, axis_name):
     return x if axis_name is None else lax.psum(x, axis_name)
 
@@ -79,6 +84,32 @@ def _vocab_size(axis_name, v_local):
     if axis_name is None:
         return v_local
     return v_local * lax.axis_size(axis_name)
+
+
+def _vma(*xs):
+    """The mesh axes (inside ``jax.shard_map``) that any of ``xs`` varies over."""
+    axes = set()
+    for x in xs:
+        if x is None:
+            continue
+        aval = jax.typeof(x)
+        varying = getattr(aval, "vma", None)  # jax < 0.9
+        if varying is None:
+            varying = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
+        axes |= set(varying)
+    return frozenset(axes)
+
+
+def _varying(x, axes):
+    """``x`` marked as varying over ``axes`` (a no-op outside shard_map)."""
+    if x is None:
+        return None
+    missing = tuple(sorted(set(axes) - _vma(x), key=str))
+    if not missing:
+        return x
+    if hasattr(lax, "pcast"):
+        return lax.pcast(x, missing, to="varying")
+    return lax.pvary(x, missing)  # jax < 0.8
 
 
 def _chunks(v, chunk):
@@ -118,6 +149,9 @@ def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
         return m_new, s
 
     carry = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc))
+    # Under shard_map, the loop state varies over whatever the chunks vary over.
+    axes = _vma(h, w, inv_t)
+    carry = tuple(_varying(c, axes) for c in carry)
     count, rest = _chunks(v_local, chunk)
     if count:
         carry = lax.fori_loop(
@@ -190,6 +224,14 @@ def _fused_fwd(chunk, axis_name, h, w, labels, t, mask, alpha, z_loss):
 
 def _fused_bwd(chunk, axis_name, residuals, g):
     h, w, labels, t, mask, alpha, z_loss, lse, y_label, y_sum, valid = residuals
+    if axis_name is not None and not set(_axis_names(axis_name)) <= _vma(w):
+        # Without the varying-axes types, shard_map hands us a cotangent we
+        # cannot tell apart from a replicated one, and the weight gradient
+        # would come out scaled.
+        raise ValueError(
+            f"{_NAME}: gradients with axis_name={axis_name!r} need jax.shard_map with "
+            "check_vma=True (the default) and weight sharded over that axis"
+        )
     n = h.shape[0]
     v_local = w.shape[1]
     vocab = _vocab_size(axis_name, v_local)
@@ -231,6 +273,8 @@ def _fused_bwd(chunk, axis_name, residuals, g):
         jnp.zeros(w.shape, w.dtype),
         jnp.zeros((n,), acc),
     )
+    axes = _vma(h, w, labels, inv_t, a, b, e)
+    carry = tuple(_varying(c, axes) for c in carry)
     count, rest = _chunks(v_local, chunk)
     if count:
         carry = lax.fori_loop(
@@ -340,7 +384,7 @@ def fused_linear_cross_entropy(
       where: optional boolean mask of the labels' shape; False excludes the
         example (loss 0, zero gradients).
       chunk_size: vocabulary columns per chunk, a positive int. None picks a
-        power of two with about 2**23 logits per chunk (N * chunk_size), at
+        power of two with about 2**21 logits per chunk (N * chunk_size), at
         least 256 and at most V. V need not be a multiple of it.
       temperature: t > 0 dividing the logits, a scalar or one per example.
         (The limits t = 0 and t = inf of :func:`jsoftmax.log_softmax` are not
@@ -426,5 +470,21 @@ def fused_linear_cross_entropy(
     if t is not None and t.ndim:
         t = jnp.broadcast_to(t, (*batch, 1)).reshape(n, 1)
     chunk = _default_chunk_size(n, v) if chunk_size is None else int(min(chunk_size, v))
+    # Inside shard_map, give every input the varying mesh axes of all of them
+    # except ``axis_name`` (a data-parallel batch, say), so that the custom
+    # derivative sees one type; the transposes of these casts sum the
+    # gradients of replicated inputs over those axes.
+    names = set() if axis_name is None else set(_axis_names(axis_name))
+    every = _vma(h2, w, lab, t, mask, alpha, zeta)
+    if names and every and not names <= _vma(w):
+        raise ValueError(
+            f"{_NAME}: axis_name={axis_name!r} but weight does not vary over that mesh axis; "
+            "shard weight's vocabulary axis over it, e.g. in_specs=P(None, "
+            f"{axis_name!r}) in jax.shard_map"
+        )
+    others = every - names
+    h2, w, lab, t, mask, alpha, zeta = (
+        _varying(x, others) for x in (h2, w, lab, t, mask, alpha, zeta)
+    )
     loss = _fused_jit(chunk, axis_name, h2, w, lab, t, mask, alpha, zeta)
     return loss.reshape(batch).astype(dtype)

@@ -1,0 +1,100 @@
+"""Fused linear cross-entropy against the unfused loss: compiled memory and time.
+
+Measures ``jax.jit(jax.value_and_grad(mean loss, argnums=(0, 1)))`` (gradients
+with respect to hidden and weight) for
+
+* unfused: ``softmax_cross_entropy_with_integer_labels(hidden @ weight, labels)``
+  (jsoftmax's when it is there, else optax's), which materialises [N, V];
+* fused: ``fused_linear_cross_entropy(hidden, weight, labels, chunk_size=C)``
+  for the default chunk size and the sizes given with ``--chunks``.
+
+Memory is ``compiled.memory_analysis().temp_size_in_bytes`` (deterministic:
+the buffers XLA allocates besides arguments and outputs). Time is the median
+wall time of ``--repeats`` calls after one warm-up call; on a shared machine
+it is noisy, so the runs of all variants are interleaved.
+
+Prints a markdown table. Usage::
+
+    python benchmarks/fused.py                      # N=4096, D=512, V=32768
+    python benchmarks/fused.py --n 1024 --v 8192 --chunks 256 1024 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jsoftmax
+from jsoftmax.fused import _default_chunk_size
+
+
+def _unfused_loss():
+    ce = getattr(jsoftmax, "softmax_cross_entropy_with_integer_labels", None)
+    if ce is not None:
+        return "jsoftmax", ce
+    return "optax", optax.losses.softmax_cross_entropy_with_integer_labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4096, help="examples (rows of hidden)")
+    parser.add_argument("--d", type=int, default=512, help="hidden size")
+    parser.add_argument("--v", type=int, default=32768, help="vocabulary size")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--chunks", type=int, nargs="*", default=[512, 1024, 4096],
+                        help="chunk sizes to measure besides the default")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant")
+    args = parser.parse_args()
+
+    dtype = jnp.dtype(args.dtype)
+    keys = jax.random.split(jax.random.key(0), 3)
+    hidden = (jax.random.normal(keys[0], (args.n, args.d)) * 0.5).astype(dtype)
+    weight = (jax.random.normal(keys[1], (args.d, args.v)) * args.d**-0.5).astype(dtype)
+    labels = jax.random.randint(keys[2], (args.n,), 0, args.v)
+
+    ce_name, ce = _unfused_loss()
+    default = _default_chunk_size(args.n, args.v)
+    variants = {f"unfused ({ce_name})": lambda h, w, y: ce(h @ w, y)}
+    for chunk in sorted({default, *args.chunks}):
+        if chunk > args.v:
+            continue
+        label = f"fused, chunk_size={chunk}" + (" (default)" if chunk == default else "")
+        variants[label] = (
+            lambda h, w, y, c=chunk: jsoftmax.fused_linear_cross_entropy(h, w, y, chunk_size=c)
+        )
+
+    compiled, memory, losses = {}, {}, {}
+    for name, loss_fn in variants.items():
+        step = jax.jit(jax.value_and_grad(lambda h, w, y, f=loss_fn: f(h, w, y).mean(), (0, 1)))
+        compiled[name] = step.lower(hidden, weight, labels).compile()
+        memory[name] = compiled[name].memory_analysis().temp_size_in_bytes
+        losses[name] = float(jax.block_until_ready(compiled[name](hidden, weight, labels))[0])
+
+    times = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, fn in compiled.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(hidden, weight, labels))
+            times[name].append(time.perf_counter() - start)
+
+    base = next(iter(variants))
+    base_time = statistics.median(times[base])
+    print(f"jit(value_and_grad(mean loss)), N={args.n}, D={args.d}, V={args.v}, {args.dtype}, "
+          f"{jax.devices()[0].platform} ({jax.device_count()} device(s)), "
+          f"median of {args.repeats}\n")
+    print("| variant | temp memory (bytes) | memory vs unfused | time (s) | time vs unfused "
+          "| loss |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in variants:
+        t = statistics.median(times[name])
+        print(f"| {name} | {memory[name]:,} | {memory[name] / memory[base]:.4f} | {t:.3f} "
+              f"| {t / base_time:.2f} | {losses[name]:.6f} |")
+
+
+if __name__ == "__main__":
+    main()
