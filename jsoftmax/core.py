@@ -65,7 +65,9 @@ def _shifted_logits(axes, x, t, mask, keep=None):
     y = jnp.where(t == _INF, jnp.where(diff == -_INF, -_INF, 0.0), diff / t)
     y = jnp.where(x_max == _INF, -_INF, y)
     y = jnp.where((x == x_max) & (x_max > -_INF), 0.0, y)
-    y = jnp.where(t >= 0, y, jnp.nan)
+    # Added rather than selected: XLA:CPU (jax 0.10.2) returns garbage for exp
+    # of a select whose other branch is a NaN constant.
+    y = y + jnp.where(t >= 0, 0.0, jnp.nan)
     return y, x_max
 
 

@@ -1,0 +1,600 @@
+"""Tests for softmax, log_softmax and logsumexp (issue 2's contract).
+
+References are float64 NumPy or mpmath, never the functions under test.
+"""
+
+import contextlib
+import io
+
+import jax
+import jax.ad_checkpoint
+import jax.numpy as jnp
+import mpmath
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from jax.test_util import check_grads
+
+import jsoftmax
+
+INF = np.inf
+FUNCS = [jsoftmax.softmax, jsoftmax.log_softmax]
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+# ---------------------------------------------------------------- references
+
+
+def ref_log_softmax(x, axis=-1, where=None, t=1.0):
+    """float64 NumPy log_softmax for t > 0 and finite, non-empty included sets."""
+    x = np.asarray(x, np.float64)
+    if where is not None:
+        x = np.where(where, x, -INF)
+    z = x / np.asarray(t, np.float64)
+    m = np.max(z, axis=axis, keepdims=True)
+    with np.errstate(divide="ignore"):
+        return z - m - np.log(np.sum(np.exp(z - m), axis=axis, keepdims=True))
+
+
+def ref_softmax(x, axis=-1, where=None, t=1.0):
+    return np.exp(ref_log_softmax(x, axis, where, t))
+
+
+def ref_logsumexp(x, axis=None, t=1.0):
+    x = np.asarray(x, np.float64)
+    t = np.asarray(t, np.float64)
+    m = np.max(x, axis=axis, keepdims=True)
+    out = m + t * np.log(np.sum(np.exp((x - m) / t), axis=axis, keepdims=True))
+    return np.squeeze(out, axis=axis)
+
+
+def mp_row(row):
+    """mpmath (50 digits) softmax, log_softmax and logsumexp of one row."""
+    with mpmath.workdps(50):
+        xs = [mpmath.mpf(float(v)) for v in row]
+        m = max(xs)
+        lse = m + mpmath.log(mpmath.fsum(mpmath.exp(v - m) for v in xs))
+        return (
+            np.array([float(mpmath.exp(v - lse)) for v in xs]),
+            np.array([float(v - lse) for v in xs]),
+            float(lse),
+        )
+
+
+def maybe_jit(fn, use_jit, **static):
+    g = lambda x: fn(x, **static)
+    return jax.jit(g) if use_jit else g
+
+
+# ---------------------------------------------------------------- 1. max shift
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_max_shift_article_example(use_jit):
+    x = jnp.array([10.0, 2.0, 10000.0, 4.0])
+    np.testing.assert_array_equal(maybe_jit(jsoftmax.softmax, use_jit)(x), [0, 0, 1, 0])
+    np.testing.assert_array_equal(
+        maybe_jit(jsoftmax.log_softmax, use_jit)(x), [-9990, -9998, 0, -9996]
+    )
+    assert float(maybe_jit(jsoftmax.logsumexp, use_jit)(x)) == 10000.0
+
+
+@pytest.fixture(scope="module")
+def accuracy_batches():
+    rng = np.random.default_rng(1234)
+    out = {}
+    for scale in [1.0, 30.0, 1e4, 1e30]:
+        x = (rng.standard_normal((6, 48)) * scale).astype(np.float32)
+        refs = [mp_row(row) for row in x]
+        out[scale] = (x, refs)
+    return out
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e4, 1e30])
+def test_float32_accuracy_against_mpmath(accuracy_batches, scale):
+    """Within 4 eps: softmax in absolute terms (its values lie in [0, 1] and its
+    relative error is limited by the rounding of x - max, cond ~ |x| eps), and
+    log_softmax and logsumexp relative to the reference."""
+    x, refs = accuracy_batches[scale]
+    s = np.asarray(jsoftmax.softmax(x), np.float64)
+    ls = np.asarray(jsoftmax.log_softmax(x), np.float64)
+    lse = np.asarray(jsoftmax.logsumexp(x, axis=-1), np.float64)
+    for i, (rs, rl, rlse) in enumerate(refs):
+        assert np.max(np.abs(s[i] - rs)) <= 4 * EPS32
+        finite = rl != 0
+        rel = np.abs(ls[i][finite] - rl[finite]) / np.abs(rl[finite])
+        assert np.max(rel) <= 4 * EPS32, np.max(rel) / EPS32
+        assert abs(lse[i] - rlse) <= 4 * EPS32 * abs(rlse)
+
+
+def test_top_entry_of_log_softmax_keeps_tiny_values():
+    # The largest entry is -log1p(sum of the rest); with the rest ~1e-13 a plain
+    # log(1 + rest) would round to 0.
+    x = np.array([30.0, 0.0, 1.0], np.float32)
+    _, rl, _ = mp_row(x)
+    got = float(jsoftmax.log_softmax(x)[0])
+    assert got != 0.0
+    assert abs(got - rl[0]) <= 2 * EPS32 * abs(rl[0])
+
+
+# ---------------------------------------------------------------- 2-3. dtypes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("fn", FUNCS)
+def test_low_precision_is_float32_rounded(dtype, fn):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 33)) * 4, dtype)
+    got = fn(x)
+    assert got.dtype == dtype
+    ref_fn = ref_softmax if fn is jsoftmax.softmax else ref_log_softmax
+    ref = ref_fn(np.asarray(x.astype(jnp.float32)))
+    ref_rounded = np.asarray(jnp.asarray(ref, jnp.float32).astype(dtype), np.float64)
+    got = np.asarray(got.astype(jnp.float32), np.float64)
+    # Within one ulp of the float64 reference rounded to the dtype.
+    ulp = np.spacing(np.abs(ref_rounded).astype(np.float32)) * 2.0 ** (23 - jnp.finfo(dtype).nmant)
+    assert np.all(np.abs(got - ref_rounded) <= ulp)
+
+
+def test_bfloat16_long_row_sums_to_one():
+    x = jax.random.normal(jax.random.key(0), (50000,)).astype(jnp.bfloat16) * 3
+    s = jsoftmax.softmax(x)
+    assert s.dtype == jnp.bfloat16
+    total = float(jnp.sum(s.astype(jnp.float32)))
+    # Each entry is rounded once to bf16 (relative error <= 2^-9), so the sum
+    # is within 2^-9 of 1; the f32 sum of 50000 terms adds far less.
+    assert abs(total - 1.0) <= 2.0**-8
+
+
+@pytest.mark.parametrize(
+    "dtype,big", [(jnp.float16, 65000.0), (jnp.bfloat16, 2.0**17), (jnp.float16, 2.0**17)]
+)
+@pytest.mark.parametrize("fn", [*FUNCS, jsoftmax.logsumexp])
+def test_low_precision_gradients_finite_at_large_inputs(dtype, big, fn):
+    # 2^17 does not fit float16 (max 65504): it becomes +inf, which must still
+    # give finite gradients (the +inf entries share the mass).
+    with np.errstate(over="ignore"):
+        x = jnp.asarray(np.array([big, big * 0.999, -big, 1.0]).astype(dtype))
+    w = jnp.asarray([0.3, -1.0, 0.5, 2.0], dtype)
+
+    def loss(x):
+        out = fn(x)
+        return jnp.sum(jnp.where(jnp.isfinite(out), out, 0) * w)
+
+    g = jax.grad(loss)(x)
+    assert g.dtype == dtype
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+@pytest.mark.parametrize("fn", [*FUNCS, jsoftmax.logsumexp])
+def test_integer_inputs_promote_to_default_float(fn):
+    got = fn(jnp.array([1, 2, 3]))
+    assert got.dtype == jnp.result_type(float)
+    ref = {
+        jsoftmax.softmax: ref_softmax,
+        jsoftmax.log_softmax: ref_log_softmax,
+        jsoftmax.logsumexp: ref_logsumexp,
+    }[fn](np.array([1.0, 2.0, 3.0]))
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- 4. exclusion
+
+
+def _grad_of_weighted_sum(fn, x, **kwargs):
+    w = jnp.linspace(-1.0, 2.0, x.size).reshape(x.shape)
+
+    def loss(x):
+        out = fn(x, **kwargs)
+        return jnp.sum(jnp.where(jnp.isfinite(out), out, 0.0) * w)
+
+    return jax.grad(loss)(x), jax.jacfwd(lambda x: fn(x, **kwargs))(x)
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_excluded_entries_values_and_zero_derivatives(use_jit):
+    x = jnp.array([[1.0, -INF, 3.0, 0.5], [2.0, 1.0, -INF, 7.0]])
+    mask = jnp.array([[True, True, True, False], [True, False, True, True]])
+    excluded = np.array([[False, True, False, True], [False, True, True, False]])
+    sm = maybe_jit(jsoftmax.softmax, use_jit, where=mask)
+    lsm = maybe_jit(jsoftmax.log_softmax, use_jit, where=mask)
+    np.testing.assert_array_equal(np.asarray(sm(x))[excluded], 0.0)
+    np.testing.assert_array_equal(np.asarray(lsm(x))[excluded], -INF)
+    ref = ref_softmax(np.asarray(x), where=~excluded)
+    np.testing.assert_allclose(sm(x), ref, rtol=1e-6, atol=1e-7)
+    for fn in (jsoftmax.softmax, jsoftmax.log_softmax):
+        g, jac = _grad_of_weighted_sum(fn, x, where=mask)
+        np.testing.assert_array_equal(np.asarray(g)[excluded], 0.0)
+        jac = np.asarray(jac)  # [2, 4, 2, 4]: output index, then input index
+        assert np.all(jac[excluded] == 0.0)  # excluded outputs do not move
+        assert np.all(jac[..., excluded] == 0.0)  # excluded inputs move nothing
+        assert np.all(np.isfinite(jac))
+
+
+@pytest.mark.parametrize("use_where", [False, True])
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_fully_excluded_slice(use_where, use_jit):
+    x = jnp.array([[1.0, 2.0, 3.0], [-INF, -INF, -INF]])
+    kwargs = {}
+    if use_where:
+        x = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+        kwargs["where"] = jnp.array([[True, True, True], [False, False, False]])
+    s = maybe_jit(jsoftmax.softmax, use_jit, **kwargs)(x)
+    ls = maybe_jit(jsoftmax.log_softmax, use_jit, **kwargs)(x)
+    lse = maybe_jit(jsoftmax.logsumexp, use_jit, axis=-1, **kwargs)(x)
+    np.testing.assert_array_equal(s[1], 0.0)
+    np.testing.assert_array_equal(ls[1], -INF)
+    assert float(lse[1]) == -INF
+    np.testing.assert_allclose(s[0], ref_softmax(np.array([1.0, 2.0, 3.0])), rtol=1e-6)
+    for fn in (jsoftmax.softmax, jsoftmax.log_softmax):
+        g, jac = _grad_of_weighted_sum(fn, x, **kwargs)
+        np.testing.assert_array_equal(g[1], 0.0)
+        assert np.all(np.isfinite(jac))
+    g = jax.grad(lambda x: jnp.sum(jsoftmax.logsumexp(x, axis=-1, **kwargs)[1]))(x)
+    np.testing.assert_array_equal(g, 0.0)
+
+
+def test_where_gradient_trap_does_not_occur():
+    # The classic trap: a select after a NaN-producing branch gives NaN grads.
+    x = jnp.array([[0.0, 0.0], [3.0, 1.0]])
+    mask = jnp.array([[False, False], [True, True]])
+
+    def loss(x):
+        ls = jsoftmax.log_softmax(x, where=mask)
+        return jnp.sum(jnp.where(mask, ls, 0.0))
+
+    g = jax.grad(loss)(x)
+    assert np.all(np.isfinite(g))
+    np.testing.assert_array_equal(g[0], 0.0)
+
+
+# ---------------------------------------------------------------- 5. inf and nan
+
+
+def test_positive_infinity_is_the_limit():
+    x = jnp.array([[1.0, INF, 3.0, INF], [INF, 0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(jsoftmax.softmax(x), [[0, 0.5, 0, 0.5], [1, 0, 0, 0]])
+    ls = np.asarray(jsoftmax.log_softmax(x))
+    np.testing.assert_allclose(ls[0], [-INF, -np.log(2), -INF, -np.log(2)], rtol=1e-7)
+    np.testing.assert_array_equal(jsoftmax.logsumexp(x, axis=-1), [INF, INF])
+
+
+def test_nan_poisons_only_its_slice():
+    x = jnp.array([[1.0, np.nan, 3.0], [1.0, 2.0, 3.0]])
+    for fn in FUNCS:
+        out = np.asarray(fn(x))
+        assert np.all(np.isnan(out[0]))
+        assert np.all(np.isfinite(out[1]))
+    lse = np.asarray(jsoftmax.logsumexp(x, axis=-1))
+    assert np.isnan(lse[0]) and np.isfinite(lse[1])
+    # A NaN that is masked out is excluded like any other entry.
+    s = jsoftmax.softmax(x, where=~jnp.isnan(x))
+    np.testing.assert_allclose(s[0], [ref_softmax(np.array([1.0, 3.0]))[0], 0, 0.8807971], 1e-6)
+
+
+# ---------------------------------------------------------------- 6. temperature
+
+
+def test_temperature_one_is_exactly_the_plain_function():
+    x = jax.random.normal(jax.random.key(1), (3, 17)) * 5
+    for fn in FUNCS:
+        plain = fn(x)
+        np.testing.assert_array_equal(fn(x, temperature=1.0), plain)
+        traced = jax.jit(lambda x, t, fn=fn: fn(x, temperature=t))(x, 1.0)
+        np.testing.assert_array_equal(traced, plain)
+    traced = jax.jit(lambda x, t: jsoftmax.logsumexp(x, axis=-1, temperature=t))(x, 1.0)
+    np.testing.assert_array_equal(traced, jsoftmax.logsumexp(x, axis=-1))
+
+
+def test_temperature_values_against_float64():
+    x = np.array([38.0, 20.0, 40.0, 39.0], np.float32)
+    got = jsoftmax.softmax(x, temperature=100.0)
+    np.testing.assert_allclose(got, ref_softmax(x, t=100.0), rtol=1e-6)
+    np.testing.assert_allclose(got, [0.2587, 0.2161, 0.2639, 0.2613], atol=1e-4)
+    np.testing.assert_array_equal(jsoftmax.softmax(x, temperature=0.001), [0, 0, 1, 0])
+    lse = jsoftmax.logsumexp(x, temperature=3.0)
+    np.testing.assert_allclose(lse, ref_logsumexp(x, t=3.0), rtol=1e-6)
+
+
+def test_per_example_temperature():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 2, 6)).astype(np.float32)
+    t = np.array([[0.5, 1.0], [2.0, 3.0], [0.1, 7.0], [1.5, 0.9]], np.float32)
+    got = jsoftmax.log_softmax(x, temperature=t)
+    np.testing.assert_allclose(got, ref_log_softmax(x, t=t[..., None]), rtol=2e-6, atol=1e-6)
+    # Reducing over axis 1: the batch shape is (4, 6).
+    t1 = rng.uniform(0.5, 2.0, (4, 6)).astype(np.float32)
+    got = jsoftmax.softmax(x, axis=1, temperature=t1)
+    np.testing.assert_allclose(got, ref_softmax(x, axis=1, t=t1[:, None, :]), rtol=2e-6)
+    lse = jsoftmax.logsumexp(x, axis=-1, temperature=t)
+    np.testing.assert_allclose(lse, ref_logsumexp(x, axis=-1, t=t[..., None]), rtol=2e-6)
+
+
+def test_zero_temperature_is_the_hard_max():
+    x = jnp.array([[1.0, 3.0, 3.0, -2.0], [5.0, 1.0, -INF, 0.0]])
+    np.testing.assert_array_equal(
+        jsoftmax.softmax(x, temperature=0.0), [[0, 0.5, 0.5, 0], [1, 0, 0, 0]]
+    )
+    ls = np.asarray(jsoftmax.log_softmax(x, temperature=0.0))
+    np.testing.assert_allclose(ls[0], [-INF, -np.log(2), -np.log(2), -INF])
+    np.testing.assert_array_equal(ls[1], [0, -INF, -INF, -INF])
+    np.testing.assert_array_equal(jsoftmax.logsumexp(x, axis=-1, temperature=0.0), [3.0, 5.0])
+    # Masked maximum, and the gradient in x is the (shared) indicator.
+    mask = jnp.array([[True, False, True, True], [False, True, True, True]])
+    np.testing.assert_array_equal(
+        jsoftmax.logsumexp(x, axis=-1, where=mask, temperature=0.0), [3.0, 1.0]
+    )
+    g = jax.grad(lambda x: jnp.sum(jsoftmax.logsumexp(x, axis=-1, temperature=0.0)))(x)
+    np.testing.assert_array_equal(g, [[0, 0.5, 0.5, 0], [1, 0, 0, 0]])
+    g = jax.grad(lambda x: jnp.sum(jsoftmax.softmax(x, temperature=0.0)[:, 0]))(x)
+    np.testing.assert_array_equal(g, 0.0)
+
+
+def test_smooth_maximum_tends_to_the_max():
+    x = jnp.array([1.0, 4.0, 3.5, -2.0])
+    for t in [1e-1, 1e-2, 1e-3]:
+        lse = float(jsoftmax.logsumexp(x, temperature=t))
+        assert 4.0 <= lse <= 4.0 + t * np.log(4) + 1e-6
+
+
+def test_infinite_temperature_is_uniform_over_included():
+    x = jnp.array([[1.0, -INF, 30.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
+    mask = jnp.array([True, True, True, False])
+    s = jsoftmax.softmax(x, where=mask, temperature=INF)
+    np.testing.assert_allclose(s, [[0.5, 0, 0.5, 0], [1 / 3, 1 / 3, 1 / 3, 0]], rtol=1e-7)
+    ls = jsoftmax.log_softmax(x, where=mask, temperature=INF)
+    np.testing.assert_allclose(ls[1], [-np.log(3)] * 3 + [-INF], rtol=1e-7)
+    assert float(jsoftmax.logsumexp(x[1], temperature=INF)) == INF
+    single = jnp.array([-INF, 2.5, -INF])
+    assert float(jsoftmax.logsumexp(single, temperature=INF)) == 2.5
+
+
+@pytest.mark.parametrize("bad", [-1.0, np.nan, -np.inf])
+@pytest.mark.parametrize("fn", [*FUNCS, jsoftmax.logsumexp])
+def test_concrete_bad_temperature_raises(bad, fn):
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        fn(jnp.ones(3), temperature=bad)
+    with pytest.raises(ValueError, match="temperature"):
+        fn(jnp.ones((2, 3)), temperature=jnp.array([1.0, bad]))
+
+
+@pytest.mark.parametrize("fn", [*FUNCS, jsoftmax.logsumexp])
+def test_traced_bad_temperature_gives_nan(fn):
+    out = jax.jit(lambda x, t: fn(x, temperature=t))(jnp.ones(3), -1.0)
+    assert np.all(np.isnan(np.asarray(out)))
+
+
+def test_temperature_shape_must_match_batch():
+    with pytest.raises(ValueError, match="does not broadcast against the batch shape"):
+        jsoftmax.softmax(jnp.ones((4, 5)), temperature=jnp.ones(5))
+    # One per slice, with or without the reduced axis kept.
+    a = jsoftmax.softmax(jnp.ones((4, 5)), temperature=jnp.ones(4) * 2)
+    b = jsoftmax.softmax(jnp.ones((4, 5)), temperature=jnp.ones((4, 1)) * 2)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_temperature_gradient_against_float64_derivative(x64):
+    # d/dt softmax(x / t) = -s * (z - sum(s z)) / t with z = x / t.
+    x = np.array([0.3, -1.2, 2.0, 0.7])
+    t = 0.8
+    s = ref_softmax(x, t=t)
+    z = x / t
+    expected = -s * (z - np.sum(s * z)) / t
+    got = jax.jacfwd(lambda t: jsoftmax.softmax(jnp.asarray(x), temperature=t))(t)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    got = jax.jacrev(lambda t: jsoftmax.softmax(jnp.asarray(x), temperature=t))(t)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    # d/dt [t log sum exp(x / t)] is the entropy of s.
+    entropy = -np.sum(s * np.log(s))
+    got = jax.grad(lambda t: jsoftmax.logsumexp(jnp.asarray(x), temperature=t))(t)
+    np.testing.assert_allclose(got, entropy, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- 7. derivatives
+
+
+X_SMALL = np.array([[0.3, -1.2, 2.0, 0.1], [0.5, 0.1, -0.7, 1.4]])
+T_SMALL = np.array([0.7, 1.9])
+MASK_SMALL = np.array([[True, False, True, True], [True, True, True, False]])
+
+
+@pytest.mark.parametrize("fn", FUNCS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_check_grads_order_two(x64, fn, masked):
+    x = jnp.asarray(X_SMALL)
+    x_inf = x.at[1, 1].set(-INF)
+    mask = jnp.asarray(MASK_SMALL) if masked else None
+    check_grads(lambda x: fn(x, where=mask), (x,), order=2, modes=["fwd", "rev"])
+    check_grads(
+        lambda x, t: fn(x, where=mask, temperature=t),
+        (x, jnp.asarray(T_SMALL)),
+        order=2,
+        modes=["fwd", "rev"],
+    )
+    # With a -inf entry held fixed: differentiate in the other entries and t.
+    check_grads(
+        lambda d, t: fn(x_inf + d, where=mask, temperature=t),
+        (jnp.zeros_like(x), jnp.asarray(T_SMALL)),
+        order=2,
+        modes=["fwd", "rev"],
+    )
+    check_grads(lambda x: fn(x, axis=0), (x,), order=2, modes=["fwd", "rev"])
+
+
+def test_check_grads_logsumexp(x64):
+    x = jnp.asarray(X_SMALL)
+    t = jnp.asarray(T_SMALL)
+    mask = jnp.asarray(MASK_SMALL)
+    modes = ["fwd", "rev"]
+    check_grads(lambda x: jsoftmax.logsumexp(x), (x,), order=2, modes=modes)
+    check_grads(
+        lambda x, t: jsoftmax.logsumexp(x, axis=-1, where=mask, temperature=t),
+        (x, t),
+        order=2,
+        modes=modes,
+    )
+    check_grads(
+        lambda x, t, b: jsoftmax.logsumexp(x, axis=1, b=b, temperature=t),
+        (x, t, jnp.abs(x) + 0.5),
+        order=2,
+        modes=modes,
+    )
+    check_grads(
+        lambda x, b: jsoftmax.logsumexp(x, axis=-1, b=b, return_sign=True)[0],
+        (x, x),
+        order=2,
+        modes=modes,
+    )
+
+
+def _residuals(fn, x):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        jax.ad_checkpoint.print_saved_residuals(fn, x)
+    return buf.getvalue().strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        jsoftmax.softmax,
+        jsoftmax.log_softmax,
+        lambda x: jsoftmax.logsumexp(x, axis=-1),
+        lambda x: jsoftmax.softmax(x, temperature=jnp.array([0.5, 2.0, 3.0])),
+        lambda x: jsoftmax.log_softmax(x, where=x > 0),
+    ],
+)
+def test_reverse_mode_saves_one_input_sized_residual(fn):
+    x = jnp.ones((3, 7))
+    full = [line for line in _residuals(fn, x) if "[3,7]" in line]
+    assert len(full) == 1, full
+
+
+def test_small_gradient_components_survive(x64):
+    z = jnp.array([37.42994775023705, 0.0])
+    g = jax.grad(lambda z: jsoftmax.log_softmax(z)[0])(z)
+    # d log_softmax_0 / d z_1 = -softmax_1 = -exp(-37.43...) / (1 + exp(-37.43...)).
+    expected = -np.exp(-37.42994775023705) / (1 + np.exp(-37.42994775023705))
+    np.testing.assert_allclose(float(g[1]), expected, rtol=1e-12)
+    assert abs(float(g[1])) > 5e-17
+
+
+# ---------------------------------------------------------------- 9. errors
+
+
+@pytest.mark.parametrize("fn", [*FUNCS, jsoftmax.logsumexp])
+def test_bad_arguments_raise_clear_errors(fn):
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="axis 2 is out of range"):
+        fn(x, 2)
+    with pytest.raises(ValueError, match="names the same dimension twice"):
+        fn(x, (1, -1))
+    with pytest.raises(TypeError, match="axis must be an int"):
+        fn(x, 1.5)
+    with pytest.raises(ValueError, match="where has shape"):
+        fn(x, -1, where=jnp.ones(2, bool))
+    for bad in (jnp.ones(3, bool), jnp.ones(3, jnp.complex64), np.array(["a", "b"])):
+        with pytest.raises(TypeError, match="not a real number type"):
+            fn(bad)
+
+
+def test_logsumexp_weights_shape_error():
+    with pytest.raises(ValueError, match="b has shape"):
+        jsoftmax.logsumexp(jnp.ones((2, 3)), b=jnp.ones(2))
+
+
+# ---------------------------------------------------------------- API and transforms
+
+
+def test_positional_signature_matches_jax_nn():
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((3, 4, 5)), jnp.float32)
+    mask = jnp.asarray(rng.random((3, 4, 5)) > 0.3)
+    for ours, theirs in [
+        (jsoftmax.softmax, jax.nn.softmax),
+        (jsoftmax.log_softmax, jax.nn.log_softmax),
+    ]:
+        for axis in (-1, 1, (0, 2), None):
+            np.testing.assert_allclose(ours(x, axis), theirs(x, axis), rtol=2e-6, atol=1e-7)
+        np.testing.assert_allclose(ours(x, 1, mask), theirs(x, 1, mask), rtol=2e-6, atol=1e-7)
+    b = jnp.asarray(rng.standard_normal((3, 4, 5)), jnp.float32)
+    for args in [(None,), (1, b, True, True, mask), ((0, 2), None, False, False, mask)]:
+        ours = jsoftmax.logsumexp(x, *args)
+        theirs = jax.nn.logsumexp(x, *args)
+        for o, t in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+            np.testing.assert_allclose(o, t, rtol=2e-6, atol=1e-6)
+
+
+def test_axes_against_float64_reference():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    for axis in [0, (0, 2), None, ()]:
+        ax = tuple(range(3)) if axis is None else axis
+        np.testing.assert_allclose(
+            jsoftmax.softmax(x, axis), ref_softmax(x, axis=ax), rtol=2e-6, atol=1e-7
+        )
+        np.testing.assert_allclose(
+            jsoftmax.logsumexp(x, axis), ref_logsumexp(x, axis=ax), rtol=2e-6
+        )
+
+
+def test_vmap_any_in_axes_and_higher_derivatives():
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+    for in_axes in (0, 1):
+        got = jax.vmap(jsoftmax.softmax, in_axes=in_axes, out_axes=in_axes)(x)
+        axis = -1 if in_axes == 0 else 0
+        np.testing.assert_allclose(got, ref_softmax(np.asarray(x), axis=axis), rtol=2e-6)
+    ts = jnp.array([0.5, 1.0, 2.0])
+    got = jax.vmap(lambda row, t: jsoftmax.log_softmax(row, temperature=t))(x, ts)
+    np.testing.assert_allclose(got, ref_log_softmax(np.asarray(x), t=ts[:, None]), rtol=2e-6)
+    row = x[0]
+    s = ref_softmax(np.asarray(row))
+    jac_expected = np.diag(s) - np.outer(s, s)
+    np.testing.assert_allclose(jax.jacfwd(jsoftmax.softmax)(row), jac_expected, atol=1e-6)
+    np.testing.assert_allclose(jax.jacrev(jsoftmax.softmax)(row), jac_expected, atol=1e-6)
+    np.testing.assert_allclose(jax.hessian(jsoftmax.logsumexp)(row), jac_expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,axis", [((0,), -1), ((3, 0), -1), ((0, 4), -1), ((2, 0), 0)])
+def test_empty_arrays(shape, axis):
+    x = jnp.zeros(shape)
+    for fn in FUNCS:
+        out = fn(x, axis)
+        assert out.shape == shape
+        assert jax.grad(lambda x, fn=fn: jnp.sum(fn(x, axis)))(x).shape == shape
+    lse = jsoftmax.logsumexp(x, axis)
+    np.testing.assert_array_equal(lse, np.full(lse.shape, -INF))
+
+
+# ---------------------------------------------------------------- properties
+
+ROWS = hnp.arrays(
+    np.float32,
+    (3, 8),
+    elements=st.floats(-1e3, 1e3, width=32, allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=ROWS, shift=st.floats(-1e3, 1e3, width=32))
+def test_property_shift_invariance_and_normalisation(x, shift):
+    s = np.asarray(jsoftmax.softmax(x), np.float64)
+    s_shifted = np.asarray(jsoftmax.softmax(x + np.float32(shift)), np.float64)
+    # x + shift is rounded, so the shifted input differs by up to |x| eps.
+    tol = 4 * EPS32 * (1 + np.max(np.abs(x)) + abs(shift))
+    np.testing.assert_allclose(s, s_shifted, atol=tol)
+    np.testing.assert_allclose(np.sum(s, axis=-1), 1.0, atol=8 * 8 * EPS32)
+    assert np.all(s >= 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=ROWS)
+def test_property_log_softmax_is_log_of_softmax(x):
+    ls = np.asarray(jsoftmax.log_softmax(x), np.float64)
+    s = np.asarray(jsoftmax.softmax(x), np.float64)
+    normal = s > np.finfo(np.float32).tiny * 1e6
+    np.testing.assert_allclose(ls[normal], np.log(s[normal]), atol=4 * EPS32, rtol=4 * EPS32)
+    assert np.all(ls <= 0)
