@@ -21,6 +21,7 @@ the per-shard maxima and sums are combined with ``lax.pmax`` and ``lax.psum``.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from functools import partial
 
 import jax
@@ -30,6 +31,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax._checks import broadcast_mask, canonicalize_temperature, is_traced
+from jsoftmax.core import AxisName
 
 __all__ = ["fused_linear_cross_entropy"]
 
@@ -351,7 +353,7 @@ def fused_linear_cross_entropy(
     temperature: ArrayLike = 1.0,
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
-    axis_name: str | None = None,
+    axis_name: AxisName | None = None,
 ) -> jax.Array:
     r"""Cross-entropy of ``hidden @ weight`` without materialising the logits.
 
@@ -446,7 +448,7 @@ def fused_linear_cross_entropy(
         raise TypeError(f"{_NAME}: chunk_size must be a positive int or None; got {chunk_size!r}")
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"{_NAME}: chunk_size must be a positive int; got {chunk_size}")
-    if axis_name is not None and not isinstance(axis_name, str | tuple):
+    if axis_name is not None and not isinstance(axis_name, Hashable):
         raise TypeError(f"{_NAME}: axis_name must be a mesh axis name or None; got {axis_name!r}")
     if not is_traced(temperature):
         values = np.asarray(temperature, dtype=np.float64)
