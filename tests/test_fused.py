@@ -82,9 +82,11 @@ def _call(h, w, labels, *, t=1.0, alpha=0.0, z=0.0, mask=None, chunk_size=None, 
     return jax.jit(f) if jit else f
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("chunk_size", [4, None])
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize(
+    ("case", "chunk_size", "jit"),
+    [(case, chunk, False) for case in sorted(CASES) for chunk in (4, None)]
+    + [("everything", 4, True), ("per_example_temperature", None, True)],
+)
 def test_values_and_gradients(data, case, chunk_size, jit):
     h, w, labels, g = data
     opts = CASES[case]
