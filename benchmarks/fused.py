@@ -17,6 +17,7 @@ Prints a markdown table. Usage::
 
     python benchmarks/fused.py                      # N=4096, D=512, V=32768
     python benchmarks/fused.py --n 1024 --v 8192 --chunks 256 1024 --repeats 3
+    python benchmarks/fused.py --v 262144 --repeats 0   # memory only: compile, no run
 """
 
 from __future__ import annotations
@@ -48,14 +49,20 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--chunks", type=int, nargs="*", default=[512, 1024, 4096],
                         help="chunk sizes to measure besides the default")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed calls per variant; 0 compiles only (memory, no time)")
     args = parser.parse_args()
 
     dtype = jnp.dtype(args.dtype)
     keys = jax.random.split(jax.random.key(0), 3)
-    hidden = (jax.random.normal(keys[0], (args.n, args.d)) * 0.5).astype(dtype)
-    weight = (jax.random.normal(keys[1], (args.d, args.v)) * args.d**-0.5).astype(dtype)
-    labels = jax.random.randint(keys[2], (args.n,), 0, args.v)
+    if args.repeats > 0:
+        hidden = (jax.random.normal(keys[0], (args.n, args.d)) * 0.5).astype(dtype)
+        weight = (jax.random.normal(keys[1], (args.d, args.v)) * args.d**-0.5).astype(dtype)
+        labels = jax.random.randint(keys[2], (args.n,), 0, args.v)
+    else:
+        hidden = jax.ShapeDtypeStruct((args.n, args.d), dtype)
+        weight = jax.ShapeDtypeStruct((args.d, args.v), dtype)
+        labels = jax.ShapeDtypeStruct((args.n,), jnp.int32)
 
     ce_name, ce = _unfused_loss()
     default = _default_chunk_size(args.n, args.v)
@@ -73,7 +80,19 @@ def main() -> None:
         step = jax.jit(jax.value_and_grad(lambda h, w, y, f=loss_fn: f(h, w, y).mean(), (0, 1)))
         compiled[name] = step.lower(hidden, weight, labels).compile()
         memory[name] = compiled[name].memory_analysis().temp_size_in_bytes
-        losses[name] = float(jax.block_until_ready(compiled[name](hidden, weight, labels))[0])
+        if args.repeats > 0:
+            losses[name] = float(jax.block_until_ready(compiled[name](hidden, weight, labels))[0])
+
+    base = next(iter(variants))
+    header = (f"jit(value_and_grad(mean loss)), N={args.n}, D={args.d}, V={args.v}, {args.dtype}, "
+              f"{jax.devices()[0].platform} ({jax.device_count()} device(s))")
+    if args.repeats == 0:
+        print(header + "\n")
+        print("| variant | temp memory (bytes) | memory vs unfused |")
+        print("|---|---:|---:|")
+        for name in variants:
+            print(f"| {name} | {memory[name]:,} | {memory[name] / memory[base]:.4f} |")
+        return
 
     times = {name: [] for name in variants}
     for _ in range(args.repeats):
@@ -82,11 +101,8 @@ def main() -> None:
             jax.block_until_ready(fn(hidden, weight, labels))
             times[name].append(time.perf_counter() - start)
 
-    base = next(iter(variants))
     base_time = statistics.median(times[base])
-    print(f"jit(value_and_grad(mean loss)), N={args.n}, D={args.d}, V={args.v}, {args.dtype}, "
-          f"{jax.devices()[0].platform} ({jax.device_count()} device(s)), "
-          f"median of {args.repeats}\n")
+    print(f"{header}, median of {args.repeats}\n")
     print("| variant | temp memory (bytes) | memory vs unfused | time (s) | time vs unfused "
           "| loss |")
     print("|---|---:|---:|---:|---:|---:|")
