@@ -67,7 +67,8 @@ def _shifted_logits(axes, x, t, mask, keep=None):
         y = jnp.where(x_max == _INF, jnp.where(x == _INF, 0.0, -_INF), diff)
         return y, x_max
     # diff / t is NaN for -inf / inf and for 0 / 0; both are fixed by the selects.
-    y = jnp.where(t == _INF, jnp.where(diff == -_INF, -_INF, 0.0), diff / t)
+    # At t = inf every included entry is 0; diff * 0 keeps NaN entries NaN.
+    y = jnp.where(t == _INF, jnp.where(diff == -_INF, -_INF, diff * 0.0), diff / t)
     y = jnp.where(x_max == _INF, -_INF, y)
     y = jnp.where((x == x_max) & (x_max > -_INF), 0.0, y)
     # Added rather than selected: XLA:CPU (jax 0.10.2) returns garbage for exp

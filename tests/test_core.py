@@ -269,6 +269,10 @@ def test_nan_poisons_only_its_slice():
         assert np.all(np.isfinite(out[1]))
     lse = np.asarray(jsoftmax.logsumexp(x, axis=-1))
     assert np.isnan(lse[0]) and np.isfinite(lse[1])
+    for t in (0.0, 0.5, INF):  # the limits must not hide a NaN either
+        for fn in FUNCS:
+            out = np.asarray(fn(x, temperature=t))
+            assert np.all(np.isnan(out[0])) and not np.any(np.isnan(out[1])), (fn, t)
     # A NaN that is masked out is excluded like any other entry.
     s = jsoftmax.softmax(x, where=~jnp.isnan(x))
     np.testing.assert_allclose(s[0], [ref_softmax(np.array([1.0, 3.0]))[0], 0, 0.8807971], 1e-6)

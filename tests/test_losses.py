@@ -1,0 +1,410 @@
+"""Tests for jsoftmax.losses: optax compatibility, edges, gradients, memory.
+
+References are a float64 NumPy implementation of the rules written out by
+hand below (``_reference_log_softmax``), optax itself on ordinary inputs,
+and optax's own test cases run against our functions.
+"""
+
+import importlib.util
+import unittest
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.test_util import check_grads
+
+import jsoftmax
+from jsoftmax import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
+
+INF = np.inf
+integer_ce = softmax_cross_entropy_with_integer_labels
+dense_ce = softmax_cross_entropy
+
+
+# --------------------------------------------------------------------------
+# A float64 reference, written from the definitions.
+# --------------------------------------------------------------------------
+
+
+def _reference_log_softmax(x, mask, t):
+    """log_softmax(x / t) of one 1-D slice, excluded classes -inf."""
+    x = np.asarray(x, np.float64)
+    kept = mask & (x != -INF)
+    out = np.full(x.shape, -INF)
+    if not kept.any():
+        return out
+    if np.isnan(x[kept]).any():
+        return np.full(x.shape, np.nan)
+    m = x[kept].max()
+    if m == INF or t == 0:
+        top = kept & (x == m)
+        out[top] = -np.log(top.sum())
+    elif t == INF:
+        out[kept] = -np.log(kept.sum())
+    else:
+        z = (x[kept] - m) / t
+        out[kept] = z - np.log(np.exp(z).sum())
+    return out
+
+
+def _times(a, b):
+    """a * b with 0 * inf = 0 (a term of weight 0 is absent)."""
+    return 0.0 if a == 0 else a * b
+
+
+def _reference_integer(x, labels, mask, t, alpha):
+    x = np.asarray(x, np.float64)
+    n, v = x.shape
+    out = np.empty(n)
+    for i in range(n):
+        kept = mask[i] & (x[i] != -INF)
+        if not kept.any():
+            out[i] = 0.0
+            continue
+        if not 0 <= labels[i] < v:
+            out[i] = np.nan
+            continue
+        lp = _reference_log_softmax(x[i], mask[i], t[i])
+        ce = -lp[labels[i]]
+        smooth = np.mean(-lp[mask[i]])
+        out[i] = _times(1 - alpha, ce) + _times(alpha, smooth)
+    return out
+
+
+def _reference_dense(x, labels, mask, t, alpha):
+    x = np.asarray(x, np.float64)
+    n, v = x.shape
+    out = np.empty(n)
+    for i in range(n):
+        lp = _reference_log_softmax(x[i], mask[i], t[i])
+        if (lp == -INF).all():
+            out[i] = 0.0
+            continue
+        y = (1 - alpha) * labels[i] + alpha / max(mask[i].sum(), 1)
+        out[i] = -sum(_times(y[j], lp[j]) for j in range(v) if mask[i, j])
+    return out
+
+
+def _edge_batch():
+    """Rows covering every edge; rows 0-3 are ordinary."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 5)).astype(np.float32) * 3
+    mask = np.ones((16, 5), bool)
+    labels = rng.integers(0, 5, size=16)
+    x[4, 1] = -INF  # a -inf logit, label elsewhere (2)
+    x[5, 1] = -INF  # the label's logit is -inf
+    x[6] = -INF  # every logit -inf
+    mask[7] = False  # every class masked
+    mask[8, 3] = False  # the label's class masked
+    mask[9, 0] = False  # another class masked (label 2)
+    x[10, 2] = INF  # the label's logit +inf
+    x[11, [0, 4]] = INF  # two +inf logits, label finite (1)
+    x[12, 3] = np.nan  # NaN in the example
+    x[15, [1, 3]] = x[15, 0]  # a three-way tie on the top (for t = 0), label 3
+    x[15, [2, 4]] = x[15, 0] - 1.0
+    # 13 and 14 are out of range.
+    for row, label in {4: 2, 5: 1, 8: 3, 9: 2, 10: 2, 11: 1, 13: 5, 14: -1, 15: 3}.items():
+        labels[row] = label
+    mask[14] = False  # a masked example with a padding label -1 costs 0
+    return x, labels, mask
+
+
+TEMPERATURES = [1.0, 0.5, 0.0, INF, "per-example"]
+
+
+def _temperature(t, n):
+    if t == "per-example":
+        return np.linspace(0.25, 4.0, n).astype(np.float32)
+    return t
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("t", TEMPERATURES)
+def test_integer_labels_match_reference_at_every_edge(t, alpha):
+    x, labels, mask = _edge_batch()
+    temp = _temperature(t, len(x))
+    got = integer_ce(x, labels, where=mask, temperature=temp, label_smoothing=alpha)
+    want = _reference_integer(x, labels, mask, np.broadcast_to(temp, len(x)), alpha)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("t", [1.0, 0.5, 0.0, "per-example"])
+def test_dense_labels_match_reference_at_every_edge(t, alpha):
+    x, labels, mask = _edge_batch()
+    valid = (labels >= 0) & (labels < 5)
+    onehot = np.eye(5, dtype=np.float32)[np.where(valid, labels, 0)] * valid[:, None]
+    onehot[3] = [0.5, 0.0, 0.25, 0.25, 0.0]  # a soft label
+    temp = _temperature(t, len(x))
+    got = dense_ce(x, onehot, where=mask, temperature=temp, label_smoothing=alpha)
+    want = _reference_dense(x, onehot, mask, np.broadcast_to(temp, len(x)), alpha)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-6)
+
+
+def test_edge_values_spelled_out():
+    x = jnp.array([[0.0, -INF], [0.0, -INF], [-INF, -INF], [1.0, 2.0]])
+    labels = jnp.array([0, 1, 0, 7])
+    np.testing.assert_array_equal(integer_ce(x, labels), [0.0, INF, 0.0, np.nan])
+    onehot = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+    assert np.isposinf(dense_ce(x, onehot)[1])
+    np.testing.assert_array_equal(np.asarray(dense_ce(x, onehot))[[0, 2]], [0.0, 0.0])
+
+
+def test_out_of_range_label_is_nan_under_jit():
+    x = jnp.zeros((3, 4))
+    got = jax.jit(integer_ce)(x, jnp.array([4, -1, 1000]))
+    assert np.isnan(got).all()
+
+
+# --------------------------------------------------------------------------
+# Gradients.
+# --------------------------------------------------------------------------
+
+
+def _finite_grad(f, *args):
+    g = jax.grad(lambda *a: jnp.sum(f(*a)))(*args)
+    assert np.isfinite(np.asarray(g)).all(), g
+    return np.asarray(g)
+
+
+def test_gradients_are_zero_where_nothing_can_move():
+    x = jnp.array([[0.0, -INF, 1.0], [-INF, -INF, -INF], [1.0, 2.0, 3.0]])
+    mask = jnp.array([True, True, False])
+    labels = jnp.array([2, 0, 1])
+    g = _finite_grad(lambda x: integer_ce(x, labels, where=mask), x)
+    assert g[0, 1] == 0 and (g[1] == 0).all() and (g[2] == 0).all()
+    onehot = jax.nn.one_hot(labels, 3)
+    g = _finite_grad(lambda x: dense_ce(x, onehot, where=mask), x)
+    assert g[0, 1] == 0 and (g[1] == 0).all() and (g[2] == 0).all()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2])
+def test_gradients_in_logits_and_temperature(x64, alpha):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 4))
+    labels = np.array([0, 3, 1])
+    mask = np.array([[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1]], bool)
+    t = np.array([0.7, 1.3, 2.0])
+    onehot = np.eye(4)[labels]
+    for f, y in [(integer_ce, labels), (dense_ce, onehot)]:
+        check_grads(
+            lambda x, t, f=f, y=y: f(x, y, where=mask, temperature=t, label_smoothing=alpha),
+            (x, t), order=1, modes=["rev"], atol=1e-6, rtol=1e-6,
+        )
+
+
+def test_temperature_gradient_matches_optax_on_scaled_logits(x64):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(4, 6)))
+    labels = jnp.array([0, 5, 2, 3])
+    ours = jax.value_and_grad(lambda t: integer_ce(x, labels, temperature=t).sum())(0.6)
+    theirs = jax.value_and_grad(
+        lambda t: optax.softmax_cross_entropy_with_integer_labels(x / t, labels).sum()
+    )(0.6)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+
+
+def test_value_and_gradient_match_optax_on_ordinary_inputs():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(8, 10)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, 8))
+    for ours, theirs, y in [
+        (integer_ce, optax.softmax_cross_entropy_with_integer_labels, labels),
+        (dense_ce, optax.softmax_cross_entropy, jax.nn.one_hot(labels, 10)),
+    ]:
+        a = jax.value_and_grad(lambda x, f=ours, y=y: f(x, y).mean())(x)
+        b = jax.value_and_grad(lambda x, f=theirs, y=y: f(x, y).mean())(x)
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------
+# optax compatibility: shapes, axes, masks, label smoothing, its own tests.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "axis", [0, (2, 1), (-1, -3)]
+)
+@pytest.mark.parametrize("mask_kind", [None, "full", "batch"])
+def test_axes_and_masks_match_optax(axis, mask_kind):
+    rng = np.random.default_rng(4)
+    shape = (3, 4, 5)
+    x = rng.normal(size=shape).astype(np.float32)
+    axes = (axis,) if isinstance(axis, int) else axis
+    axes = tuple(a % 3 for a in axes)
+    batch = tuple(n for i, n in enumerate(shape) if i not in axes)
+    classes = int(np.prod([shape[a] for a in axes]))
+    labels = rng.integers(0, classes, size=batch)
+    if mask_kind == "full":
+        where = rng.random(shape) < 0.8
+        where[(0,) * 3] = True
+    elif mask_kind == "batch":
+        where = rng.random(batch) < 0.7
+    else:
+        where = None
+    ours = integer_ce(x, labels, axis, where)
+    theirs = optax.softmax_cross_entropy_with_integer_labels(x, labels, axis, where)
+    if mask_kind == "full":
+        # optax reads a masked label's logit anyway; ours calls that +inf.
+        flat = np.moveaxis(where, [*axes], list(range(-len(axes), 0))).reshape(*batch, -1)
+        label_kept = np.take_along_axis(flat, labels[..., None], -1)[..., 0]
+        assert np.isposinf(np.asarray(ours)[~label_kept & flat.any(-1)]).all()
+        ours, theirs = np.where(label_kept, ours, 0), np.where(label_kept, theirs, 0)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    probs = rng.dirichlet(np.ones(shape[axes[-1]]), size=shape[: axes[-1]] + shape[axes[-1] + 1 :])
+    probs = np.moveaxis(probs, -1, axes[-1]).astype(np.float32)
+    if len(axes) == 1:
+        ours = dense_ce(x, probs, axis, where)
+        theirs = optax.softmax_cross_entropy(x, probs, axis, where)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5])
+@pytest.mark.parametrize("masked", [False, True])
+def test_label_smoothing_is_smooth_labels_then_the_loss(alpha, masked):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 7)).astype(np.float32)
+    labels = rng.integers(0, 7, size=6)
+    where = None
+    if masked:
+        where = rng.random((6, 7)) < 0.7
+        where[np.arange(6), labels] = True
+    onehot = jax.nn.one_hot(labels, 7)
+    smoothed = optax.smooth_labels(onehot, alpha, where=where)
+    want = optax.softmax_cross_entropy(x, smoothed, where=where)
+    np.testing.assert_allclose(
+        integer_ce(x, labels, where=where, label_smoothing=alpha), want, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        dense_ce(x, onehot, where=where, label_smoothing=alpha), want, rtol=1e-5
+    )
+
+
+_OPTAX_CASES = {
+    "SoftmaxCrossEntropyTest": ("softmax_cross_entropy", dense_ce),
+    "SoftmaxCrossEntropyWithIntegerLabelsTest": (
+        "softmax_cross_entropy_with_integer_labels",
+        integer_ce,
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64")
+@pytest.mark.parametrize("case", sorted(_OPTAX_CASES))
+def test_optax_own_test_cases_pass_with_our_functions(case, monkeypatch):
+    """Runs optax's test classes with its loss replaced by ours (only that
+    one: the other stays optax's, so cross-checks compare against optax)."""
+    tests = pytest.importorskip("optax.losses._classification_test")
+    from optax.losses import _classification
+
+    name, ours = _OPTAX_CASES[case]
+    monkeypatch.setattr(_classification, name, ours)
+    cls = getattr(tests, case)
+    names = unittest.TestLoader().getTestCaseNames(cls)
+    assert len(names) >= 9
+    result = unittest.TestResult()
+    for method in names:
+        cls(method).run(result)
+    assert result.testsRun == len(names)
+    assert result.wasSuccessful(), result.failures + result.errors
+
+
+# --------------------------------------------------------------------------
+# dtypes, jit, errors.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("jit", [False, True])
+def test_dtypes_and_jit(dtype, jit):
+    rng = np.random.default_rng(6)
+    x32 = rng.normal(size=(4, 9)).astype(np.float32)
+    labels = jnp.array([0, 8, 3, 3])
+    x = jnp.asarray(x32, dtype)
+    f = jax.jit(integer_ce) if jit else integer_ce
+    g = jax.jit(dense_ce) if jit else dense_ce
+    want = _reference_integer(np.asarray(x, np.float32), labels, np.ones((4, 9), bool),
+                              np.ones(4), 0.0)
+    got = f(x, labels)
+    assert got.dtype == dtype
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2  # the logits were rounded, not the loss
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol)
+    got = g(x, jax.nn.one_hot(labels, 9, dtype=dtype))
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol)
+
+
+def test_errors_name_the_problem():
+    x = jnp.zeros((2, 3))
+    with pytest.raises(TypeError, match="integer class indices"):
+        integer_ce(x, jnp.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="batch shape"):
+        integer_ce(x, jnp.array([0, 1, 2]))
+    with pytest.raises(ValueError, match="do not broadcast"):
+        dense_ce(x, jnp.zeros((2, 4)))
+    with pytest.raises(ValueError, match="where has shape"):
+        integer_ce(x, jnp.array([0, 1]), where=jnp.ones((3, 3), bool))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        integer_ce(x, jnp.array([0, 1]), label_smoothing=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        dense_ce(x, x, temperature=-1.0)
+    with pytest.raises(ValueError, match="out of range"):
+        integer_ce(x, jnp.array([0, 1]), axis=2)
+
+
+# --------------------------------------------------------------------------
+# Memory: the integer-label loss keeps no [batch, classes] temporaries.
+# --------------------------------------------------------------------------
+
+
+def _temp_bytes(loss, n, v, **kwargs):
+    x = jax.ShapeDtypeStruct((n, v), jnp.float32)
+    y = jax.ShapeDtypeStruct((n,), jnp.int32)
+    step = jax.jit(jax.value_and_grad(lambda x, y: jnp.mean(loss(x, y, **kwargs))))
+    return step.lower(x, y).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_integer_loss_temporary_memory_no_larger_than_optax():
+    n, v = 256, 4096
+    ours = _temp_bytes(integer_ce, n, v)
+    theirs = _temp_bytes(optax.softmax_cross_entropy_with_integer_labels, n, v)
+    assert ours <= theirs, (ours, theirs)
+    # And far below one [n, v] float32 array, with a mask or label smoothing too.
+    assert ours < n * v * 4 // 8
+    w = jnp.ones((n, v), bool)
+    assert _temp_bytes(integer_ce, n, v, where=w) < n * v * 4 // 8
+    assert _temp_bytes(integer_ce, n, v, temperature=0.7) < n * v * 4 // 8
+    assert _temp_bytes(integer_ce, n, v, label_smoothing=0.1) < n * v * 4 // 8
+
+
+def test_public_exports():
+    assert jsoftmax.softmax_cross_entropy is softmax_cross_entropy
+    assert "softmax_cross_entropy_with_integer_labels" in jsoftmax.__all__
+
+
+def test_readme_edge_case_table_script_runs_and_agrees():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "loss_edge_cases.py"
+    spec = importlib.util.spec_from_file_location("loss_edge_cases", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.edge_case_table()
+    assert module.format_table(rows).count("\n") == len(rows) + 1
+    ours = {row["case"]: (row["jsoftmax loss"], row["jsoftmax grad"]) for row in rows}
+    assert ours == {
+        "logit -inf, label 0 (probability labels)": ("0.3133", "finite"),
+        "logit -inf elsewhere (integer label)": ("0.3133", "finite"),
+        "positive label on a -inf logit": ("+inf", "0"),
+        "integer label on a -inf logit": ("+inf", "0"),
+        "every logit -inf": ("0", "0"),
+        "every class masked by `where`": ("0", "0"),
+        "integer label on a masked class": ("+inf", "0"),
+        "integer label 3 of 3 classes, under jit": ("NaN", "0"),
+        "integer label -1, under jit": ("NaN", "0"),
+        "masked example with padding label -1": ("0", "0"),
+        "label smoothing 0.1 with a -inf logit": ("+inf", "0"),
+    }
