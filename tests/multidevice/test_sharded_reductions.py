@@ -250,3 +250,70 @@ def test_fused_gradient_without_vma_is_an_error(mesh, fused_inputs):
     # ...but the gradient would not be, so it is refused.
     with pytest.raises(ValueError, match="check_vma=True"):
         jax.grad(lambda w: sharded(h, w).sum())(w)
+
+
+# --------------------------------------------------------------------------
+# The cross-entropies.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"temperature": 0.7, "label_smoothing": 0.1}, {"temperature": 0.0},
+     {"temperature": np.inf, "label_smoothing": 0.2}],
+    ids=["plain", "tempered_smoothed", "hard_max", "uniform_smoothed"],
+)
+def test_integer_cross_entropy_matches_unsharded(mesh, inputs, options):
+    x, m = inputs["x"], inputs["mask"]
+    labels = np.array([0, 5, 9, 2, 6, 15], np.int32)  # on every shard; masked, -inf, kept
+    labels_oob = labels.copy()
+    labels_oob[5] = V  # out of range on every shard: NaN
+
+    def loss(x, y, m, axis_name=None):
+        return jsoftmax.softmax_cross_entropy_with_integer_labels(
+            x, y, where=m, axis_name=axis_name, **options
+        )
+
+    sharded = jax.jit(jax.shard_map(
+        lambda x, y, m: loss(x, y, m, "v"), mesh=mesh,
+        in_specs=(P(None, "v"), P(), P(None, "v")), out_specs=P(),
+    ))
+    for y in (labels, labels_oob):
+        expected, vjp = jax.vjp(lambda x, y=y: loss(x, y, m), x)
+        cotangent = np.where(np.isfinite(expected), 1.0, 0.0).astype(np.float32)
+        got, vjp2 = jax.vjp(lambda x, y=y: sharded(x, y, m), x)
+        _close(got, expected)
+        _close(vjp2(cotangent)[0], vjp(cotangent)[0])
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("masked", [False, True])
+def test_dense_cross_entropy_matches_unsharded(mesh, inputs, smoothing, masked):
+    x, t = inputs["x"], inputs["t"]
+    m = inputs["mask"] if masked else np.ones((B, V), bool)
+    labels = np.abs(inputs["b"]) / np.abs(inputs["b"]).sum(axis=1, keepdims=True)
+
+    def loss(x, y, t, m, axis_name=None):
+        return jsoftmax.softmax_cross_entropy(
+            x, y, where=m if masked else None, temperature=t, label_smoothing=smoothing,
+            axis_name=axis_name,
+        )
+
+    vocab = P(None, "v")
+    sharded = jax.jit(jax.shard_map(
+        lambda x, y, t, m: loss(x, y, t, m, "v"), mesh=mesh,
+        in_specs=(vocab, vocab, P(), vocab), out_specs=P(),
+    ))
+    expected, vjp = jax.vjp(lambda x, y, t: loss(x, y, t, m), x, labels, t)
+    cotangent = np.where(np.isfinite(expected), 1.0, 0.0).astype(np.float32)
+    got, vjp2 = jax.vjp(lambda x, y, t: sharded(x, y, t, m), x, labels, t)
+    _close(got, expected)
+    for actual, want in zip(vjp2(cotangent), vjp(cotangent), strict=True):
+        _close(actual, want)
+
+
+def test_integer_cross_entropy_needs_one_class_axis():
+    with pytest.raises(ValueError, match="one axis"):
+        jsoftmax.softmax_cross_entropy_with_integer_labels(
+            jnp.zeros((2, 3, 4)), jnp.zeros(2, jnp.int32), axis=(1, 2), axis_name="v"
+        )
