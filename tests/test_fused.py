@@ -104,6 +104,38 @@ def test_values_and_gradients(data, case, chunk_size, jit):
     np.testing.assert_allclose(dt, expected_dt, rtol=2e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["plain", "everything", "per_example_temperature"])
+def test_equals_the_unfused_loss(data, case):
+    """The fused loss is jsoftmax's integer-label cross-entropy of hidden @ weight,
+    plus the z-loss, in values and in gradients (both through autodiff here)."""
+    h, w, labels, g = data
+    opts = CASES[case]
+    t, alpha, z = opts.get("t", 1.0), opts.get("alpha", 0.0), opts.get("z", 0.0)
+    mask = np.array([True, True, False, True, True, True])
+
+    def unfused(h, w, t):
+        logits = h @ w
+        ce = jsoftmax.softmax_cross_entropy_with_integer_labels(
+            logits, labels, where=mask, temperature=t, label_smoothing=alpha
+        )
+        t_col = jnp.reshape(t, (-1, 1)) if jnp.ndim(t) else t
+        lse = jsoftmax.logsumexp(logits / t_col, axis=-1)
+        return ce + jnp.where(mask, z * lse**2, 0.0)
+
+    def fused(h, w, t):
+        return fused_linear_cross_entropy(
+            h, w, labels, where=mask, chunk_size=4, temperature=t, label_smoothing=alpha,
+            z_loss=z,
+        )
+
+    t = jnp.asarray(t, jnp.float32)
+    expected, vjp = jax.vjp(unfused, h, w, t)
+    got, vjp2 = jax.vjp(fused, h, w, t)
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-5)
+    for actual, want in zip(vjp2(jnp.asarray(g)), vjp(jnp.asarray(g)), strict=True):
+        np.testing.assert_allclose(actual, want, rtol=2e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, V, 64])
 def test_chunk_sizes_agree_with_optax(data, chunk_size):
     h, w, labels, _ = data
@@ -247,12 +279,14 @@ def test_compiled_memory_is_a_fraction_of_unfused():
         step = jax.jit(jax.value_and_grad(lambda h, w, y: loss_fn(h, w, y).mean(), (0, 1)))
         return step.lower(h, w, labels).compile().memory_analysis().temp_size_in_bytes
 
-    unfused = temp_bytes(
-        lambda h, w, y: optax.losses.softmax_cross_entropy_with_integer_labels(h @ w, y)
-    )
     fused = temp_bytes(lambda h, w, y: fused_linear_cross_entropy(h, w, y, chunk_size=256))
-    assert unfused >= 2 * n * v * 4  # the logits and their gradient
-    assert fused * 8 <= unfused, (fused, unfused)
+    for ce in (
+        optax.losses.softmax_cross_entropy_with_integer_labels,
+        jsoftmax.softmax_cross_entropy_with_integer_labels,
+    ):
+        unfused = temp_bytes(lambda h, w, y, ce=ce: ce(h @ w, y))
+        assert unfused >= 2 * n * v * 4  # the logits and their gradient
+        assert fused * 8 <= unfused, (fused, unfused)
 
 
 def test_exported_at_top_level():
