@@ -1,5 +1,6 @@
 """jsoftmax: the softmax family for JAX, with defined behaviour at every edge."""
 
+from jsoftmax.calibration import expected_calibration_error, fit_temperature, reliability_bins
 from jsoftmax.core import log_softmax, logsumexp, softmax
 from jsoftmax.fused import fused_linear_cross_entropy
 from jsoftmax.losses import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
@@ -9,10 +10,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "expected_calibration_error",
+    "fit_temperature",
     "fused_linear_cross_entropy",
     "gumbel_softmax",
     "log_softmax",
     "logsumexp",
+    "reliability_bins",
     "sample",
     "softmax",
     "softmax_cross_entropy",

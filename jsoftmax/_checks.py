@@ -36,7 +36,8 @@ def as_real_array(name: str, x: ArrayLike, arg: str = "x") -> tuple[jax.Array, j
             dtype = np.asarray(x).dtype
         except Exception as err:  # ragged lists and other non-arrays
             raise TypeError(f"{name}: {arg} must be an array of real numbers; got {x!r}") from err
-    dtype = jnp.dtype(dtype)
+    # float64 input without x64 enabled computes (and returns) float32, quietly.
+    dtype = jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))
     if jnp.issubdtype(dtype, jnp.floating):
         out_dtype = dtype
     elif jnp.issubdtype(dtype, jnp.integer):

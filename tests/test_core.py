@@ -602,3 +602,14 @@ def test_property_log_softmax_is_log_of_softmax(x):
     normal = s > np.finfo(np.float32).tiny * 1e6
     np.testing.assert_allclose(ls[normal], np.log(s[normal]), atol=4 * EPS32, rtol=4 * EPS32)
     assert np.all(ls <= 0)
+
+
+def test_float64_numpy_input_without_x64_is_quiet():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = jsoftmax.softmax(np.array([1.0, 2.0]))
+        lse = jsoftmax.logsumexp(np.array([1.0, 2.0]), b=np.array([1.0, 1.0]))
+    assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref_softmax(np.array([1.0, 2.0])), rtol=1e-6)
