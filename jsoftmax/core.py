@@ -161,9 +161,11 @@ def _sum_pair(a, b, axes):
     """
     zero = jnp.zeros((), a.dtype)
     sum_a, sum_b = jax.lax.reduce(
-        (a, b), (zero, zero), lambda u, v: (u[0] + v[0], u[1] + v[1]), axes
+        (a, b), (zero, zero), lambda u, v: (u[0] + v[0], u[1] + v[1]), tuple(axes)
     )
-    return jnp.expand_dims(sum_a, axes), jnp.expand_dims(sum_b, axes)
+    sums = jnp.expand_dims(sum_a, tuple(axes)), jnp.expand_dims(sum_b, tuple(axes))
+    name = getattr(axes, "axis_name", None)
+    return sums if name is None else lax.psum(sums, name)
 
 
 # --------------------------------------------------------------------------
