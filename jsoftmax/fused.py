@@ -125,16 +125,20 @@ def _chunks(v, chunk):
 
 
 def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
-    """Returns per-example ``(lse, y_label, y_sum, valid)``, all float32 [N].
+    """Returns per-example ``(lse, gap, y_label, y_sum, valid)``, each [N].
 
     ``y = (h @ w) * inv_t`` are the scaled logits; ``lse`` is their
     logsumexp over the (global) vocabulary, ``y_label`` the label's logit,
-    ``y_sum`` the sum of all logits (for label smoothing) and ``valid``
-    whether the label is in range.
+    ``gap = lse - y_label`` (the cross-entropy, computed without cancelling
+    when the label's logit is the maximum), ``y_sum`` the sum of all logits
+    (for label smoothing) and ``valid`` whether the label is in range. The
+    label's logit is picked out of the same matmul that feeds the logsumexp,
+    so the two agree to the last bit.
     """
     n = h.shape[0]
     v_local = w.shape[1]
     acc = _acc(h.dtype)
+    offset = _shard_offset(axis_name, v_local)
     if mask is not None:
         # Masked rows compute on zeros, so a NaN there cannot leak anywhere.
         h = jnp.where(mask[:, None], h, jnp.zeros((), h.dtype))
@@ -142,56 +146,76 @@ def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
     def scaled(z):
         return z if inv_t is None else z * inv_t
 
-    def step(carry, w_c):
-        m, s = carry
+    # The running sum of exp(y - m) is kept in two parts, as the core does:
+    # ``top``, the number of entries equal to the running max m (each adds
+    # exactly 1), and ``below``, the rest. Then log(sum) = log(top) +
+    # log1p(below / top) stays accurate when the label's logit dominates and
+    # the loss is far below 1.
+    def step(carry, start, w_c):
+        m, top, below, y_label = carry
         y = scaled(_dot(h, w_c))
         m_new = jnp.maximum(m, jnp.max(y, axis=1))
         shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(y - shift[:, None]), axis=1)
-        return m_new, s
+        scale = jnp.exp(m - shift)
+        stays = m == m_new  # the old maximum is still the maximum
+        at_top = (y == m_new[:, None]) & (m_new > -jnp.inf)[:, None]
+        below = (
+            below * scale
+            + jnp.where(stays, 0.0, top * scale)
+            + jnp.sum(jnp.where(at_top, 0.0, jnp.exp(y - shift[:, None])), axis=1)
+        )
+        top = jnp.where(stays, top, 0.0) + jnp.sum(at_top, axis=1, dtype=acc)
+        cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, w_c.shape[1]), 1)
+        y_label = y_label + jnp.sum(jnp.where(cols == labels[:, None], y, 0.0), axis=1)
+        return m_new, top, below, y_label
 
-    carry = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc))
+    zeros = jnp.zeros((n,), acc)
+    carry = (jnp.full((n,), -jnp.inf, acc), zeros, zeros, zeros)
     # Under shard_map, the loop state varies over whatever the chunks vary over.
-    axes = _vma(h, w, inv_t)
+    axes = _vma(h, w, labels, inv_t)
     carry = tuple(_varying(c, axes) for c in carry)
     count, rest = _chunks(v_local, chunk)
     if count:
         carry = lax.fori_loop(
             0,
             count,
-            lambda i, c: step(c, lax.dynamic_slice_in_dim(w, i * chunk, chunk, axis=1)),
+            lambda i, c: step(
+                c, i * chunk, lax.dynamic_slice_in_dim(w, i * chunk, chunk, axis=1)
+            ),
             carry,
         )
     if rest:
-        carry = step(carry, w[:, count * chunk :])
-    m, s = carry
+        carry = step(carry, count * chunk, w[:, count * chunk :])
+    m, top, below, y_label = carry
     if axis_name is not None:
         m_global = lax.pmax(m, axis_name)
         shift = jnp.where(jnp.isfinite(m_global), m_global, 0.0)
-        s = lax.psum(s * jnp.exp(m - shift), axis_name)
+        scale = jnp.exp(m - shift)
+        stays = m == m_global
+        below = below * scale + jnp.where(stays, 0.0, top * scale)
+        top, below = lax.psum((jnp.where(stays, top, 0.0), below), axis_name)
         m = m_global
+        y_label = lax.psum(y_label, axis_name)
     shift = jnp.where(jnp.isfinite(m), m, 0.0)
-    lse = shift + jnp.log(s)
+    safe_top = jnp.where(top == 0, 1.0, top)
+    log_s = jnp.where(top == 0, jnp.log(below), jnp.log(safe_top) + jnp.log1p(below / safe_top))
+    lse = shift + log_s
+    gap = (shift - y_label) + log_s
 
-    # The label's logit and the sum of the logits, straight from the weights.
-    def scaled_rows(r):
-        return r if inv_t is None else r * inv_t.reshape(inv_t.shape[:1])
-
-    local = labels - _shard_offset(axis_name, v_local)
-    here = (local >= 0) & (local < v_local)
-    w_label = jnp.take(w, jnp.clip(local, 0, v_local - 1), axis=1)  # [D, N]
-    y_label = jnp.sum(h.astype(acc) * w_label.T.astype(acc), axis=1)
-    y_label = jnp.where(here, scaled_rows(y_label), 0.0)
-    y_sum = scaled_rows(_dot(h.astype(acc), jnp.sum(w, axis=1, dtype=acc)))
-    y_label = _psum(y_label, axis_name)
+    # The sum of the logits, straight from the weights' row sums.
+    y_sum = _dot(h.astype(acc), jnp.sum(w, axis=1, dtype=acc))
+    if inv_t is not None:
+        y_sum = y_sum * inv_t.reshape(inv_t.shape[:1])
     y_sum = _psum(y_sum, axis_name)
     valid = (labels >= 0) & (labels < _vocab_size(axis_name, v_local))
-    return lse, y_label, y_sum, valid
+    return lse, gap, y_label, y_sum, valid
 
 
-def _combine(lse, y_label, y_sum, valid, mask, alpha, z_loss, vocab):
-    """The per-example loss from the forward's per-example numbers."""
-    loss = lse - (1 - alpha) * y_label - (alpha / vocab) * y_sum + z_loss * lse * lse
+def _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab):
+    """The per-example loss from the forward's per-example numbers:
+    lse - (1 - a) y_label - (a / V) y_sum + z lse**2, grouped so that the
+    cross-entropy ``gap`` keeps its own precision."""
+    loss = gap + alpha * (y_label - y_sum / vocab) + z_loss * lse * lse
     loss = jnp.where(valid, loss, jnp.nan)
     if mask is not None:
         loss = jnp.where(mask, loss, 0.0)
@@ -214,9 +238,11 @@ def _inverse(t):
 
 
 def _fused_fwd(chunk, axis_name, h, w, labels, t, mask, alpha, z_loss):
-    lse, y_label, y_sum, valid = _forward(chunk, axis_name, h, w, labels, _inverse(t), mask)
+    lse, gap, y_label, y_sum, valid = _forward(
+        chunk, axis_name, h, w, labels, _inverse(t), mask
+    )
     vocab = _vocab_size(axis_name, w.shape[1])
-    loss = _combine(lse, y_label, y_sum, valid, mask, alpha, z_loss, vocab)
+    loss = _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab)
     if t is not None:
         ok = (t > 0) & jnp.isfinite(t)
         loss = jnp.where(ok.reshape(ok.shape[:1]) if ok.ndim else ok, loss, jnp.nan)
@@ -410,10 +436,10 @@ def fused_linear_cross_entropy(
       >>> hidden = jnp.array([[1.0, 0.0], [0.0, 2.0]])
       >>> weight = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, -1.0]])
       >>> jsoftmax.fused_linear_cross_entropy(hidden, weight, jnp.array([0, 1]), chunk_size=2)
-      Array([0.55144465, 0.1429317 ], dtype=float32)
+      Array([0.5514447 , 0.14293163], dtype=float32)
       >>> jsoftmax.fused_linear_cross_entropy(
       ...     hidden, weight, jnp.array([0, 1]), where=jnp.array([True, False]))
-      Array([0.55144465, 0.        ], dtype=float32)
+      Array([0.5514447, 0.       ], dtype=float32)
     """
     h = _check_float("hidden", hidden)
     w = _check_float("weight", weight)

@@ -144,6 +144,26 @@ def test_chunk_sizes_agree_with_optax(data, chunk_size):
     np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_size", [3, V])
+def test_confident_predictions_keep_relative_accuracy(chunk_size):
+    """Losses far below 1 (the label's logit dominates) are accurate relative
+    to their own size, not to the size of the logits; the maximum sits in a
+    later chunk for some rows, so the running sums get rescaled."""
+    rng = np.random.default_rng(5)
+    d = 16  # > V, so any logits can be reached
+    w = rng.normal(size=(d, V)).astype(np.float32)
+    labels = np.array([0, 4, 7, 10, 5, 9], np.int32)
+    # Logits margin * [j == label] + noise, so the loss is about V exp(-margin).
+    margins = 12.0 + 2.0 * np.arange(N)
+    targets = np.where(np.arange(V) == labels[:, None], margins[:, None], 0.0)
+    targets = targets + rng.normal(0, 0.3, (N, V))
+    h = np.linalg.lstsq(w.T.astype(np.float64), targets.T, rcond=None)[0].T.astype(np.float32)
+    loss = fused_linear_cross_entropy(h, w, labels, chunk_size=chunk_size)
+    ref, _ = _reference(h, w, labels, np.ones(N))
+    assert np.all(ref < 1e-4) and np.all(ref > 1e-11)
+    np.testing.assert_allclose(loss, ref, rtol=1e-4)
+
+
 def test_batch_axes_and_per_example_temperature(data):
     h, w, labels, g = data
     t = np.linspace(0.5, 2.0, N).astype(np.float32)
