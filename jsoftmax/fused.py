@@ -129,11 +129,14 @@ def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
 
     ``y = (h @ w) * inv_t`` are the scaled logits; ``lse`` is their
     logsumexp over the (global) vocabulary, ``y_label`` the label's logit,
-    ``gap = lse - y_label`` (the cross-entropy, computed without cancelling
-    when the label's logit is the maximum), ``y_sum`` the sum of all logits
-    (for label smoothing) and ``valid`` whether the label is in range. The
-    label's logit is picked out of the same matmul that feeds the logsumexp,
-    so the two agree to the last bit.
+    ``gap = lse - y_label`` the cross-entropy, ``y_sum`` the sum of all
+    logits (for label smoothing) and ``valid`` whether the label is in range.
+
+    The loop accumulates, besides the running maximum m, the sum of
+    exp(y - m) over every class but the label. Then
+    ``gap = log1p(rest * exp(m - y_label))``, which keeps its relative
+    accuracy when the label dominates and the loss is far below 1 (a plain
+    ``log(sum)`` near 1 would lose it), and costs one select per logit.
     """
     n = h.shape[0]
     v_local = w.shape[1]
@@ -146,35 +149,21 @@ def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
     def scaled(z):
         return z if inv_t is None else z * inv_t
 
-    # The running sum of exp(y - m) is kept in two parts, as the core does:
-    # ``top``, the number of entries equal to the running max m (each adds
-    # exactly 1), and ``below``, the rest. Then log(sum) = log(top) +
-    # log1p(below / top) stays accurate when the label's logit dominates and
-    # the loss is far below 1.
     def step(carry, start, w_c):
-        m, top, below, y_label = carry
+        m, rest = carry
         y = scaled(_dot(h, w_c))
         m_new = jnp.maximum(m, jnp.max(y, axis=1))
         shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        scale = jnp.exp(m - shift)
-        stays = m == m_new  # the old maximum is still the maximum
-        at_top = (y == m_new[:, None]) & (m_new > -jnp.inf)[:, None]
-        below = (
-            below * scale
-            + jnp.where(stays, 0.0, top * scale)
-            + jnp.sum(jnp.where(at_top, 0.0, jnp.exp(y - shift[:, None])), axis=1)
-        )
-        top = jnp.where(stays, top, 0.0) + jnp.sum(at_top, axis=1, dtype=acc)
         cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, w_c.shape[1]), 1)
-        y_label = y_label + jnp.sum(jnp.where(cols == labels[:, None], y, 0.0), axis=1)
-        return m_new, top, below, y_label
+        terms = jnp.where(cols == labels[:, None], 0.0, jnp.exp(y - shift[:, None]))
+        rest = rest * jnp.exp(m - shift) + jnp.sum(terms, axis=1)
+        return m_new, rest
 
-    zeros = jnp.zeros((n,), acc)
-    carry = (jnp.full((n,), -jnp.inf, acc), zeros, zeros, zeros)
+    carry = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc))
     # Under shard_map, the loop state varies over whatever the chunks vary over.
     axes = _vma(h, w, labels, inv_t)
     carry = tuple(_varying(c, axes) for c in carry)
-    count, rest = _chunks(v_local, chunk)
+    count, remainder = _chunks(v_local, chunk)
     if count:
         carry = lax.fori_loop(
             0,
@@ -184,23 +173,36 @@ def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
             ),
             carry,
         )
-    if rest:
+    if remainder:
         carry = step(carry, count * chunk, w[:, count * chunk :])
-    m, top, below, y_label = carry
+    m, rest = carry
     if axis_name is not None:
         m_global = lax.pmax(m, axis_name)
         shift = jnp.where(jnp.isfinite(m_global), m_global, 0.0)
-        scale = jnp.exp(m - shift)
-        stays = m == m_global
-        below = below * scale + jnp.where(stays, 0.0, top * scale)
-        top, below = lax.psum((jnp.where(stays, top, 0.0), below), axis_name)
+        rest = lax.psum(rest * jnp.exp(m - shift), axis_name)
         m = m_global
-        y_label = lax.psum(y_label, axis_name)
-    shift = jnp.where(jnp.isfinite(m), m, 0.0)
-    safe_top = jnp.where(top == 0, 1.0, top)
-    log_s = jnp.where(top == 0, jnp.log(below), jnp.log(safe_top) + jnp.log1p(below / safe_top))
-    lse = shift + log_s
-    gap = (shift - y_label) + log_s
+
+    # The label's logit, gathered from its weight column (0 if out of range).
+    local = labels - offset
+    here = (local >= 0) & (local < v_local)
+    w_label = jnp.take(w, jnp.clip(local, 0, v_local - 1), axis=1)  # [D, N]
+    y_label = jnp.sum(h.astype(acc) * w_label.T.astype(acc), axis=1)
+    if inv_t is not None:
+        y_label = y_label * inv_t.reshape(inv_t.shape[:1])
+    y_label = _psum(jnp.where(here, y_label, 0.0), axis_name)
+
+    # lse - y_label = log(rest * exp(m - y_label) + 1). m - y_label is about 0
+    # when the label is the maximum (rounding may differ between the matmul
+    # and the gather, which only scales ``rest`` by 1 + O(eps |y|)); when it
+    # is far below, log(rest) + (m - y_label) avoids overflowing exp.
+    d = jnp.where(jnp.isfinite(m), m, 0.0) - y_label
+    near = d < 30.0
+    gap = jnp.where(
+        near,
+        jnp.log1p(rest * jnp.exp(jnp.where(near, d, 0.0))),
+        d + jnp.log(rest + jnp.exp(-jnp.where(near, 30.0, d))),
+    )
+    lse = y_label + gap
 
     # The sum of the logits, straight from the weights' row sums.
     y_sum = _dot(h.astype(acc), jnp.sum(w, axis=1, dtype=acc))
