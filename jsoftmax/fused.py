@@ -270,7 +270,8 @@ def _fused_bwd(chunk, axis_name, residuals, g):
     acc = _acc(h.dtype)
     g = g.astype(acc)
     # d loss / d y_j = g * ((1 + 2 z lse) p_j - (1 - alpha) [j == label] - alpha / V)
-    g = jnp.where(valid, g, jnp.nan)
+    # An out-of-range label: NaN loss, zero gradient, as in the unfused loss.
+    g = jnp.where(valid, g, 0.0)
     if mask is not None:
         g = jnp.where(mask, g, 0.0)
         h = jnp.where(mask[:, None], h, jnp.zeros((), h.dtype))
@@ -402,8 +403,8 @@ def fused_linear_cross_entropy(
     Label smoothing is ``optax.smooth_labels`` followed by the soft-label
     cross-entropy. The z-loss (PaLM) adds ``z_loss * lse(logits / t) ** 2``
     per example. Masked examples give loss 0 and zero gradients; a label
-    outside ``[0, V)`` on an included example gives NaN (and NaN gradients),
-    never a silently wrong number. bfloat16 / float16 inputs go into the
+    outside ``[0, V)`` on an included example gives NaN, never a silently
+    wrong number (and, as in the unfused loss, zero gradient). bfloat16 / float16 inputs go into the
     matmuls as they are, with float32 accumulation and a float32 logsumexp;
     the loss is returned in the inputs' dtype.
 

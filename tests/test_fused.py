@@ -36,7 +36,7 @@ def _reference(h, w, labels, g, *, t=1.0, alpha=0.0, z=0.0, mask=None):
     loss = -(q * (y - lse)).sum(axis=1) + z * lse[:, 0] ** 2
     loss[~valid] = np.nan
     g = np.asarray(g, np.float64).copy()
-    g[~valid] = np.nan
+    g[~valid] = 0.0  # NaN loss, zero gradient (as the unfused loss)
     if mask is not None:
         loss[~mask] = 0.0
         g[~mask] = 0.0
@@ -212,8 +212,21 @@ def test_out_of_range_label_is_nan(data, bad):
     ref, _ = _reference(h, w, labels, np.ones(N))
     keep = np.arange(N) != 2
     np.testing.assert_allclose(np.asarray(loss)[keep], ref[keep], rtol=2e-5, atol=1e-5)
-    dh = jax.grad(lambda h: fused_linear_cross_entropy(h, w, labels, chunk_size=4).sum())(h)
-    assert np.all(np.isnan(dh[2]))
+    # The example's gradient is zero, as in the unfused loss; the others are untouched.
+    weights = np.where(keep, 1.0, 0.5).astype(np.float32)
+    dh, dw = jax.grad(
+        lambda h, w: jnp.sum(weights * fused_linear_cross_entropy(h, w, labels, chunk_size=4)),
+        (0, 1),
+    )(h, w)
+    _, grads = _reference(h, w, labels, weights)
+    assert np.all(dh[2] == 0)
+    np.testing.assert_allclose(dh, grads["hidden"], rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(dw, grads["weight"], rtol=2e-4, atol=1e-5)
+    unfused_dh = jax.grad(
+        lambda h: jnp.sum(weights * jsoftmax.softmax_cross_entropy_with_integer_labels(
+            h @ w, labels))
+    )(h)
+    np.testing.assert_allclose(dh, unfused_dh, rtol=2e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
