@@ -2,6 +2,7 @@
 
 from jsoftmax.calibration import expected_calibration_error, fit_temperature, reliability_bins
 from jsoftmax.core import log_softmax, logsumexp, softmax
+from jsoftmax.fused import fused_linear_cross_entropy
 from jsoftmax.losses import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
 from jsoftmax.sampling import gumbel_softmax, sample
 
@@ -11,6 +12,7 @@ __all__ = [
     "__version__",
     "expected_calibration_error",
     "fit_temperature",
+    "fused_linear_cross_entropy",
     "gumbel_softmax",
     "log_softmax",
     "logsumexp",

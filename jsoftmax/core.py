@@ -13,10 +13,12 @@ edge handling (selects, infinities) never leaks NaNs into the gradients.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
@@ -31,6 +33,9 @@ from jsoftmax._checks import (
 __all__ = ["log_softmax", "logsumexp", "softmax"]
 
 _INF = float("inf")
+
+# A mesh axis name, as jax.shard_map and lax.psum take it.
+AxisName = Hashable
 
 
 # --------------------------------------------------------------------------
@@ -55,7 +60,7 @@ def _shifted_logits(axes, x, t, mask, keep=None):
     if mask is not None:
         x = jnp.where(mask, x, -_INF)
     candidates = x if keep is None else jnp.where(keep, x, -_INF)
-    x_max = jnp.max(candidates, axis=axes, keepdims=True, initial=-_INF)
+    x_max = _max(candidates, axes)
     shift = jnp.where(jnp.isfinite(x_max), x_max, 0.0)
     diff = x - shift
     if t is None:
@@ -104,7 +109,48 @@ def _value(tangent):
 
 
 def _sum(v, axes):
-    return jnp.sum(v, axis=axes, keepdims=True)
+    out = jnp.sum(v, axis=axes, keepdims=True)
+    name = getattr(axes, "axis_name", None)
+    return out if name is None else lax.psum(out, name)
+
+
+def _max(v, axes):
+    out = jnp.max(v, axis=axes, keepdims=True, initial=-_INF)
+    name = getattr(axes, "axis_name", None)
+    return out if name is None else lax.pmax(out, name)
+
+
+class _Reduction(tuple):
+    """Reduced axes that also span a named mesh axis (vocab-parallel calls).
+
+    A tuple of ints like the plain ``axes`` everywhere else; ``_max`` and
+    ``_sum`` also reduce across the mesh axis ``axis_name`` with ``lax.pmax``
+    and ``lax.psum`` (inside ``jax.shard_map``), and so do the custom JVP
+    rules, which are written with ``_sum``. Equality and hash include the
+    name, since the axes are a static jit argument.
+    """
+
+    def __new__(cls, axes, axis_name):
+        self = super().__new__(cls, axes)
+        self.axis_name = axis_name
+        return self
+
+    def __eq__(self, other):
+        return tuple.__eq__(self, other) and self.axis_name == getattr(other, "axis_name", None)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash((tuple(self), self.axis_name))
+
+    def __reduce__(self):
+        return _Reduction, (tuple(self), self.axis_name)
+
+
+def _reduction(axes, axis_name):
+    """``axes`` as they are, or with the mesh axis ``axis_name`` added."""
+    return axes if axis_name is None else _Reduction(axes, axis_name)
 
 
 def _sum_pair(a, b, axes):
@@ -115,9 +161,11 @@ def _sum_pair(a, b, axes):
     """
     zero = jnp.zeros((), a.dtype)
     sum_a, sum_b = jax.lax.reduce(
-        (a, b), (zero, zero), lambda u, v: (u[0] + v[0], u[1] + v[1]), axes
+        (a, b), (zero, zero), lambda u, v: (u[0] + v[0], u[1] + v[1]), tuple(axes)
     )
-    return jnp.expand_dims(sum_a, axes), jnp.expand_dims(sum_b, axes)
+    sums = jnp.expand_dims(sum_a, tuple(axes)), jnp.expand_dims(sum_b, tuple(axes))
+    name = getattr(axes, "axis_name", None)
+    return sums if name is None else lax.psum(sums, name)
 
 
 # --------------------------------------------------------------------------
@@ -242,6 +290,7 @@ def softmax(
     where: ArrayLike | None = None,
     *,
     temperature: ArrayLike = 1.0,
+    axis_name: AxisName | None = None,
 ) -> jax.Array:
     r"""Softmax with temperature and mask, defined at every edge.
 
@@ -265,6 +314,12 @@ def softmax(
         shape (``x``'s shape without ``axis``), one temperature per slice.
         ``t = 0`` is the hard max (one-hot on the argmax, ties shared),
         ``t = inf`` is uniform over the included entries. Differentiable.
+      axis_name: name of a mesh axis (inside ``jax.shard_map``) over which
+        the normalised axis is also sharded: each shard holds a slice of the
+        classes, and the maximum and the sums become ``lax.pmax`` and
+        ``lax.psum`` over it, so the result (and its derivatives) equals the
+        unsharded call on the concatenated array. Differentiating needs
+        ``check_vma=True`` (shard_map's default).
 
     Returns:
       An array of ``x``'s shape and (floating) dtype whose slices sum to 1,
@@ -281,7 +336,7 @@ def softmax(
     axes = canonicalize_axes("softmax", axis, arr.ndim)
     mask = broadcast_mask("softmax", where, arr.shape)
     t = canonicalize_temperature("softmax", temperature, arr.shape, axes, arr.dtype)
-    return _softmax_jit(axes, arr, t, mask).astype(out_dtype)
+    return _softmax_jit(_reduction(axes, axis_name), arr, t, mask).astype(out_dtype)
 
 
 # --------------------------------------------------------------------------
@@ -376,6 +431,7 @@ def log_softmax(
     where: ArrayLike | None = None,
     *,
     temperature: ArrayLike = 1.0,
+    axis_name: AxisName | None = None,
 ) -> jax.Array:
     r"""Log-softmax with temperature and mask, computed without ``log(softmax)``.
 
@@ -393,6 +449,8 @@ def log_softmax(
       axis: the axis or axes to normalise over: an int, a tuple of ints, or None.
       where: optional boolean mask broadcastable to ``x``; False excludes.
       temperature: t >= 0, scalar or one per slice (see :func:`softmax`).
+      axis_name: mesh axis over which ``axis`` is also sharded (see
+        :func:`softmax`).
 
     Returns:
       An array of ``x``'s shape and (floating) dtype with values in [-inf, 0].
@@ -406,7 +464,7 @@ def log_softmax(
     axes = canonicalize_axes("log_softmax", axis, arr.ndim)
     mask = broadcast_mask("log_softmax", where, arr.shape)
     t = canonicalize_temperature("log_softmax", temperature, arr.shape, axes, arr.dtype)
-    return _log_softmax_jit(axes, arr, t, mask).astype(out_dtype)
+    return _log_softmax_jit(_reduction(axes, axis_name), arr, t, mask).astype(out_dtype)
 
 
 # --------------------------------------------------------------------------
@@ -520,6 +578,7 @@ def logsumexp(
     where: ArrayLike | None = None,
     *,
     temperature: ArrayLike = 1.0,
+    axis_name: AxisName | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Log of the sum of exponentials; with temperature, the smooth maximum.
 
@@ -542,6 +601,8 @@ def logsumexp(
         the log of its absolute value.
       where: optional boolean mask broadcastable to ``a``; False excludes.
       temperature: t >= 0, scalar or one per slice (see :func:`softmax`).
+      axis_name: mesh axis over which ``axis`` is also sharded (see
+        :func:`softmax`); ``b`` and ``where`` are sharded like ``a``.
 
     Returns:
       The reduced array, or ``(lse, sign)`` with ``return_sign=True``.
@@ -567,7 +628,7 @@ def logsumexp(
                 f"logsumexp: b has shape {weights.shape}, which does not broadcast to a's "
                 f"shape {arr.shape}; give weights of a's shape"
             ) from err
-    lse, sign = _logsumexp_jit(axes, arr, t, mask, weights)
+    lse, sign = _logsumexp_jit(_reduction(axes, axis_name), arr, t, mask, weights)
     if not return_sign:
         lse = jnp.where(sign < 0, jnp.nan, lse)
     if not keepdims:

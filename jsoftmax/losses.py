@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax._checks import (
@@ -31,7 +32,7 @@ from jsoftmax._checks import (
     canonicalize_temperature,
     is_traced,
 )
-from jsoftmax.core import log_softmax, logsumexp
+from jsoftmax.core import AxisName, log_softmax, logsumexp
 
 __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
 
@@ -87,6 +88,11 @@ def _slice_temperature(t: jax.Array | None, axes: tuple[int, ...]) -> jax.Array 
     return jnp.squeeze(t, axes)[..., None]
 
 
+def _psum(x, axis_name):
+    """The sum over the shards of a vocab-parallel call (``x`` when unsharded)."""
+    return x if axis_name is None else lax.psum(x, axis_name)
+
+
 def _flatten_slices(a: jax.Array, batch_axes, axes) -> jax.Array:
     """Moves ``axes`` (in the given order) last and merges them into one."""
     a = jnp.transpose(a, batch_axes + axes)
@@ -98,14 +104,18 @@ def _flatten_slices(a: jax.Array, batch_axes, axes) -> jax.Array:
 # --------------------------------------------------------------------------
 
 
-def _dense_cross_entropy(axes, x, labels, mask, t, alpha):
-    log_probs = log_softmax(x, axes, mask, temperature=1.0 if t is None else t)
+def _dense_cross_entropy(axes, x, labels, mask, t, alpha, axis_name):
+    log_probs = log_softmax(
+        x, axes, mask, temperature=1.0 if t is None else t, axis_name=axis_name
+    )
     if alpha is not None:
         # optax.smooth_labels: (1 - a) * labels + a / (number of classes kept).
         if mask is None:
             count = float(np.prod([x.shape[a] for a in axes]))
+            if axis_name is not None:
+                count = count * lax.axis_size(axis_name)
         else:
-            count = jnp.sum(mask, axes, keepdims=True, dtype=x.dtype)
+            count = _psum(jnp.sum(mask, axes, keepdims=True, dtype=x.dtype), axis_name)
         labels = (1.0 - alpha) * labels + alpha / jnp.where(count == 0, 1.0, count)
     finite = log_probs != -_INF  # NaN stays on the finite path and propagates
     # 0 * log 0 = 0; a positive label on a class of probability 0 costs +inf.
@@ -114,13 +124,14 @@ def _dense_cross_entropy(axes, x, labels, mask, t, alpha):
     terms = jnp.where(finite, labels * jnp.where(finite, log_probs, 0.0), impossible)
     if mask is not None:
         terms = jnp.where(mask, terms, 0.0)
-    loss = 0.0 - jnp.sum(terms, axes)  # 0 - 0 is +0, where -0 would print oddly
+    loss = 0.0 - _psum(jnp.sum(terms, axes), axis_name)  # 0 - 0 is +0, not -0
     # An example with nothing left to predict (every class masked or -inf).
-    empty = jnp.all(log_probs == -_INF, axes)
+    left = jnp.sum(log_probs != -_INF, axes)
+    empty = _psum(left, axis_name) == 0
     return jnp.where(empty, 0.0, loss)
 
 
-_dense_cross_entropy_jit = jax.jit(_dense_cross_entropy, static_argnums=0)
+_dense_cross_entropy_jit = jax.jit(_dense_cross_entropy, static_argnums=(0, 6))
 
 
 def softmax_cross_entropy(
@@ -131,6 +142,7 @@ def softmax_cross_entropy(
     *,
     temperature: ArrayLike = 1.0,
     label_smoothing: ArrayLike = 0.0,
+    axis_name: AxisName | None = None,
 ) -> jax.Array:
     r"""Cross-entropy between probability labels and ``softmax(logits / t)``.
 
@@ -159,6 +171,10 @@ def softmax_cross_entropy(
       label_smoothing: a in [0, 1]; the labels become
         ``(1 - a) * labels + a / K``, K the number of classes kept by
         ``where``, exactly as ``optax.smooth_labels`` does.
+      axis_name: name of a mesh axis (inside ``jax.shard_map``) over which
+        the class axis is also sharded, with ``labels`` and ``where`` sharded
+        like ``logits``; the loss (and its gradients) is that of the whole,
+        unsharded logits. Differentiating needs ``check_vma=True``.
 
     Returns:
       The loss per example, of the batch shape.
@@ -190,7 +206,7 @@ def softmax_cross_entropy(
     t = canonicalize_temperature(name, temperature, x.shape, axes, x.dtype)
     alpha = _label_smoothing(name, label_smoothing, x.dtype)
     y = jnp.broadcast_to(y.astype(x.dtype), x.shape)
-    loss = _dense_cross_entropy_jit(axes, x, y, mask, t, alpha)
+    loss = _dense_cross_entropy_jit(axes, x, y, mask, t, alpha, axis_name)
     return loss.astype(jnp.promote_types(out_dtype, label_dtype))
 
 
@@ -199,7 +215,7 @@ def softmax_cross_entropy(
 # --------------------------------------------------------------------------
 
 
-def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced):
+def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced, axis_name):
     """The loss on flattened inputs: classes on the last axis, keepdims.
 
     The cross-entropy of a label y is ``lse_t(x - x_y) / t``: one masked
@@ -209,14 +225,30 @@ def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced):
     a label logit of +inf) are logsumexps too, at t = 1, of 0 / -inf / +inf
     indicator logits: ``log k`` for a k-way tie on the top, +inf when the
     label is not on top.
+
+    With ``axis_name`` the classes are sharded over that mesh axis: labels
+    are global, the shard holding a label's class contributes its logit (and
+    mask bit) through a psum, and every sum and logsumexp spans the shards.
     """
     num_classes = x.shape[-1]
     valid = ((labels >= 0) & (labels < num_classes))[..., None]
-    index = jnp.where(valid, labels[..., None], 0)
+    here = valid  # whether this shard holds the label's class
+    local = labels
+    if axis_name is not None:
+        local = labels - lax.axis_index(axis_name) * num_classes
+        here = ((local >= 0) & (local < num_classes))[..., None]
+        num_classes = num_classes * lax.axis_size(axis_name)
+        valid = ((labels >= 0) & (labels < num_classes))[..., None]
+    index = jnp.where(here, local[..., None], 0)
     x_y = jnp.take_along_axis(x, index, axis=-1)
+    if axis_name is not None:
+        x_y = lax.psum(jnp.where(here, x_y, 0.0), axis_name)
     label_in = valid & (x_y != -_INF)
     if mask is not None:
-        label_in = label_in & jnp.take_along_axis(mask, index, axis=-1)
+        label_kept = jnp.take_along_axis(mask, index, axis=-1)
+        if axis_name is not None:
+            label_kept = lax.psum((here & label_kept).astype(jnp.int32), axis_name) > 0
+        label_in = label_in & label_kept
     shift = jnp.where(jnp.isfinite(x_y), x_y, 0.0)
     # With label smoothing the shift is pinned for differentiation and the
     # label's own derivative, -1/t, is added through `moved` below (value 0).
@@ -246,7 +278,10 @@ def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced):
     else:
         t_arg = None
     z = jnp.where(special, z_special, z)
-    lse = logsumexp(z, -1, None, True, False, mask, temperature=1.0 if t_arg is None else t_arg)
+    lse = logsumexp(
+        z, -1, None, True, False, mask, temperature=1.0 if t_arg is None else t_arg,
+        axis_name=axis_name,
+    )
     finite = jnp.isfinite(lse)
     if t_arg is None:
         scaled = lse
@@ -274,12 +309,12 @@ def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced):
         count = jnp.asarray(num_classes, x.dtype)
     else:
         kept = mask
-        count = jnp.sum(mask, -1, keepdims=True, dtype=x.dtype)
+        count = _psum(jnp.sum(mask, -1, keepdims=True, dtype=x.dtype), axis_name)
     safe_count = jnp.where(count == 0, 1.0, count)
     # sum(x) - K s rather than sum(x - s): x - s feeds the logsumexp, and a
     # second reader would make XLA keep it as a [batch, classes] array.
     moved = jnp.where(special, 0.0, shift - pinned) / t_scale
-    total = jnp.sum(jnp.where(kept, x, 0.0), -1, keepdims=True) - count * pinned
+    total = _psum(jnp.sum(jnp.where(kept, x, 0.0), -1, keepdims=True), axis_name) - count * pinned
     finite_total = jnp.isfinite(total)
     ordinary = (
         scaled
@@ -296,9 +331,13 @@ def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced):
     if not limits:
         on_top = x == _INF
     else:
-        top = logsumexp(x, -1, None, True, False, mask, temperature=0.0)  # the max
+        top = logsumexp(  # the max
+            x, -1, None, True, False, mask, temperature=0.0, axis_name=axis_name
+        )
         on_top = jnp.where(t_inf & (top < _INF), x > -_INF, x == top)
-    off_top = jnp.sum(jnp.where(kept, jnp.where(on_top, 0.0, 1.0), 0.0), -1, keepdims=True)
+    off_top = _psum(
+        jnp.sum(jnp.where(kept, jnp.where(on_top, 0.0, 1.0), 0.0), -1, keepdims=True), axis_name
+    )
     smooth = jnp.where(off_top == 0, jnp.log(safe_count), _INF)
     smooth = jnp.where(jnp.isnan(total) | jnp.isnan(lse), jnp.nan, smooth)
     cross_entropy = jnp.where(label_in, scaled, jnp.where(jnp.isnan(lse), jnp.nan, _INF))
@@ -310,7 +349,7 @@ def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced):
     return jnp.where(use_ordinary, ordinary, jax.lax.stop_gradient(constant))[..., 0]
 
 
-_integer_cross_entropy_jit = jax.jit(_integer_cross_entropy, static_argnums=(5, 6))
+_integer_cross_entropy_jit = jax.jit(_integer_cross_entropy, static_argnums=(5, 6, 7))
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -321,6 +360,7 @@ def softmax_cross_entropy_with_integer_labels(
     *,
     temperature: ArrayLike = 1.0,
     label_smoothing: ArrayLike = 0.0,
+    axis_name: AxisName | None = None,
 ) -> jax.Array:
     r"""Cross-entropy of integer class labels under ``softmax(logits / t)``.
 
@@ -351,6 +391,11 @@ def softmax_cross_entropy_with_integer_labels(
         of the one-hot labels followed by :func:`softmax_cross_entropy`:
         ``(1 - a) * loss + a * mean(-log_softmax)`` over the classes kept by
         ``where``.
+      axis_name: name of a mesh axis (inside ``jax.shard_map``) over which
+        the class axis (a single ``axis``) is also sharded, with ``where``
+        sharded like ``logits``; ``labels`` are then global class indices,
+        the same on every shard (vocab-parallel cross-entropy).
+        Differentiating needs ``check_vma=True``.
 
     Returns:
       The loss per example, of the batch shape.
@@ -370,6 +415,11 @@ def softmax_cross_entropy_with_integer_labels(
     name = "softmax_cross_entropy_with_integer_labels"
     x, out_dtype = as_real_array(name, logits, "logits")
     axes = _ordered_axes(name, axis, x.ndim)
+    if axis_name is not None and len(axes) != 1:
+        raise ValueError(
+            f"{name}: with axis_name the classes must be one axis (the sharded one); "
+            f"got axis={axis!r}"
+        )
     sorted_axes = tuple(sorted(axes))
     batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
     batch_shape = tuple(x.shape[i] for i in batch_axes)
@@ -405,4 +455,5 @@ def softmax_cross_entropy_with_integer_labels(
         values = np.asarray(temperature, np.float64)
         limits = bool(np.any((values == 0) | np.isinf(values)))
     traced = is_traced(temperature)
-    return _integer_cross_entropy_jit(x, y, mask, t, alpha, limits, traced).astype(out_dtype)
+    loss = _integer_cross_entropy_jit(x, y, mask, t, alpha, limits, traced, axis_name)
+    return loss.astype(out_dtype)

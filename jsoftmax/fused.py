@@ -1,0 +1,521 @@
+"""Fused linear cross-entropy: the output layer's loss without the [N, V] logits.
+
+A language model's loss is ``cross_entropy(hidden @ weight, labels)`` with a
+vocabulary V of 32k to 256k classes, and the logits array [N, V] (plus the
+same again for its gradient) is often the largest thing in memory. Here the
+vocabulary is walked in chunks of ``chunk_size`` columns of ``weight``:
+
+* forward: an online (streaming) logsumexp keeps, per example, the running
+  maximum ``m`` and the sum ``s`` of ``exp(y - m)`` over the chunks seen so
+  far, rescaling ``s`` by ``exp(m_old - m_new)`` when the maximum grows;
+* backward (``jax.custom_vjp``): the chunk logits are recomputed from
+  ``hidden`` and ``weight`` and turned into the chunk of ``d loss / d logits``
+  at once, which is multiplied into the gradients of ``hidden`` and of that
+  chunk of ``weight``.
+
+Only [N, chunk_size] arrays are ever live, and the residuals saved between
+the passes are the inputs and three numbers per example. With ``axis_name``
+the vocabulary is also sharded across a mesh axis (inside ``jax.shard_map``):
+the per-shard maxima and sums are combined with ``lax.pmax`` and ``lax.psum``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from jsoftmax._checks import broadcast_mask, canonicalize_temperature, is_traced
+from jsoftmax.core import AxisName
+
+__all__ = ["fused_linear_cross_entropy"]
+
+_NAME = "fused_linear_cross_entropy"
+_F32 = jnp.float32
+
+# Default number of logits per chunk (rows x columns): 8 MiB of float32 for each
+# [N, chunk] temporary, which stays in a CPU's last-level cache; larger chunks
+# were slower on CPU and no smaller in the loop overhead (benchmarks/fused.py).
+_CHUNK_ELEMENTS = 1 << 21
+_MIN_CHUNK = 256
+
+
+def _default_chunk_size(n: int, v: int) -> int:
+    """A power of two near ``_CHUNK_ELEMENTS / n``, at least 256, at most ``v``."""
+    target = max(_CHUNK_ELEMENTS // max(n, 1), _MIN_CHUNK)
+    chunk = 1 << (target.bit_length() - 1)
+    return int(min(chunk, v))
+
+
+def _acc(dtype):
+    """The accumulation dtype: float32 for 16-bit inputs, else the input's own."""
+    return jnp.promote_types(dtype, _F32)
+
+
+def _dot(a, b):
+    """``a @ b`` accumulated in at least float32 (operands keep their dtype)."""
+    return jnp.matmul(a, b, preferred_element_type=_acc(a.dtype))
+
+
+def _dot_tn(a, b):
+    """``a.T @ b`` accumulated in at least float32, without materialising ``a.T``."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_acc(a.dtype))
+
+
+def _shard_offset(axis_name, v_local):
+    """Global index of this shard's first vocabulary column (0 unsharded)."""
+    if axis_name is None:
+        return 0
+    return lax.axis_index(axis_name) * v_local
+
+
+def _axis_names(axis_name):
+    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _psum(x, axis_name):
+    return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def _vocab_size(axis_name, v_local):
+    if axis_name is None:
+        return v_local
+    return v_local * lax.axis_size(axis_name)
+
+
+def _vma(*xs):
+    """The mesh axes (inside ``jax.shard_map``) that any of ``xs`` varies over."""
+    axes = set()
+    for x in xs:
+        if x is None:
+            continue
+        aval = jax.typeof(x)
+        varying = getattr(aval, "vma", None)  # jax < 0.9
+        if varying is None:
+            varying = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
+        axes |= set(varying)
+    return frozenset(axes)
+
+
+def _varying(x, axes):
+    """``x`` marked as varying over ``axes`` (a no-op outside shard_map)."""
+    if x is None:
+        return None
+    missing = tuple(sorted(set(axes) - _vma(x), key=str))
+    if not missing:
+        return x
+    if hasattr(lax, "pcast"):
+        return lax.pcast(x, missing, to="varying")
+    return lax.pvary(x, missing)  # jax < 0.8
+
+
+def _chunks(v, chunk):
+    """``(count, remainder)``: full chunks of ``chunk`` columns and what is left."""
+    return v // chunk, v % chunk
+
+
+# --------------------------------------------------------------------------
+# The forward pass: online logsumexp over vocabulary chunks.
+# --------------------------------------------------------------------------
+
+
+def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
+    """Returns per-example ``(lse, gap, y_label, y_sum, valid)``, each [N].
+
+    ``y = (h @ w) * inv_t`` are the scaled logits; ``lse`` is their
+    logsumexp over the (global) vocabulary, ``y_label`` the label's logit,
+    ``gap = lse - y_label`` the cross-entropy, ``y_sum`` the sum of all
+    logits (for label smoothing) and ``valid`` whether the label is in range.
+
+    The loop accumulates, besides the running maximum m, the sum of
+    exp(y - m) over every class but the label. Then
+    ``gap = log1p(rest * exp(m - y_label))``, which keeps its relative
+    accuracy when the label dominates and the loss is far below 1 (a plain
+    ``log(sum)`` near 1 would lose it), and costs one select per logit.
+    """
+    n = h.shape[0]
+    v_local = w.shape[1]
+    acc = _acc(h.dtype)
+    offset = _shard_offset(axis_name, v_local)
+    if mask is not None:
+        # Masked rows compute on zeros, so a NaN there cannot leak anywhere.
+        h = jnp.where(mask[:, None], h, jnp.zeros((), h.dtype))
+
+    def scaled(z):
+        return z if inv_t is None else z * inv_t
+
+    def step(carry, start, w_c):
+        m, rest = carry
+        y = scaled(_dot(h, w_c))
+        m_new = jnp.maximum(m, jnp.max(y, axis=1))
+        shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, w_c.shape[1]), 1)
+        terms = jnp.where(cols == labels[:, None], 0.0, jnp.exp(y - shift[:, None]))
+        rest = rest * jnp.exp(m - shift) + jnp.sum(terms, axis=1)
+        return m_new, rest
+
+    carry = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc))
+    # Under shard_map, the loop state varies over whatever the chunks vary over.
+    axes = _vma(h, w, labels, inv_t)
+    carry = tuple(_varying(c, axes) for c in carry)
+    count, remainder = _chunks(v_local, chunk)
+    if count:
+        carry = lax.fori_loop(
+            0,
+            count,
+            lambda i, c: step(
+                c, i * chunk, lax.dynamic_slice_in_dim(w, i * chunk, chunk, axis=1)
+            ),
+            carry,
+        )
+    if remainder:
+        carry = step(carry, count * chunk, w[:, count * chunk :])
+    m, rest = carry
+    if axis_name is not None:
+        m_global = lax.pmax(m, axis_name)
+        shift = jnp.where(jnp.isfinite(m_global), m_global, 0.0)
+        rest = lax.psum(rest * jnp.exp(m - shift), axis_name)
+        m = m_global
+
+    # The label's logit, gathered from its weight column (0 if out of range).
+    local = labels - offset
+    here = (local >= 0) & (local < v_local)
+    w_label = jnp.take(w, jnp.clip(local, 0, v_local - 1), axis=1)  # [D, N]
+    y_label = jnp.sum(h.astype(acc) * w_label.T.astype(acc), axis=1)
+    if inv_t is not None:
+        y_label = y_label * inv_t.reshape(inv_t.shape[:1])
+    y_label = _psum(jnp.where(here, y_label, 0.0), axis_name)
+
+    # lse - y_label = log(rest * exp(m - y_label) + 1). m - y_label is about 0
+    # when the label is the maximum (rounding may differ between the matmul
+    # and the gather, which only scales ``rest`` by 1 + O(eps |y|)); when it
+    # is far below, log(rest) + (m - y_label) avoids overflowing exp.
+    d = jnp.where(jnp.isfinite(m), m, 0.0) - y_label
+    near = d < 30.0
+    gap = jnp.where(
+        near,
+        jnp.log1p(rest * jnp.exp(jnp.where(near, d, 0.0))),
+        d + jnp.log(rest + jnp.exp(-jnp.where(near, 30.0, d))),
+    )
+    lse = y_label + gap
+
+    # The sum of the logits, straight from the weights' row sums.
+    y_sum = _dot(h.astype(acc), jnp.sum(w, axis=1, dtype=acc))
+    if inv_t is not None:
+        y_sum = y_sum * inv_t.reshape(inv_t.shape[:1])
+    y_sum = _psum(y_sum, axis_name)
+    valid = (labels >= 0) & (labels < _vocab_size(axis_name, v_local))
+    return lse, gap, y_label, y_sum, valid
+
+
+def _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab):
+    """The per-example loss from the forward's per-example numbers:
+    lse - (1 - a) y_label - (a / V) y_sum + z lse**2, grouped so that the
+    cross-entropy ``gap`` keeps its own precision."""
+    loss = gap + alpha * (y_label - y_sum / vocab) + z_loss * lse * lse
+    loss = jnp.where(valid, loss, jnp.nan)
+    if mask is not None:
+        loss = jnp.where(mask, loss, 0.0)
+    return loss
+
+
+# --------------------------------------------------------------------------
+# The custom derivative.
+# --------------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(chunk, axis_name, h, w, labels, t, mask, alpha, z_loss):
+    loss, _ = _fused_fwd(chunk, axis_name, h, w, labels, t, mask, alpha, z_loss)
+    return loss
+
+
+def _inverse(t):
+    return None if t is None else 1.0 / t
+
+
+def _fused_fwd(chunk, axis_name, h, w, labels, t, mask, alpha, z_loss):
+    lse, gap, y_label, y_sum, valid = _forward(
+        chunk, axis_name, h, w, labels, _inverse(t), mask
+    )
+    vocab = _vocab_size(axis_name, w.shape[1])
+    loss = _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab)
+    if t is not None:
+        ok = (t > 0) & jnp.isfinite(t)
+        loss = jnp.where(ok.reshape(ok.shape[:1]) if ok.ndim else ok, loss, jnp.nan)
+    residuals = (h, w, labels, t, mask, alpha, z_loss, lse, y_label, y_sum, valid)
+    return loss, residuals
+
+
+def _fused_bwd(chunk, axis_name, residuals, g):
+    h, w, labels, t, mask, alpha, z_loss, lse, y_label, y_sum, valid = residuals
+    if axis_name is not None and not set(_axis_names(axis_name)) <= _vma(w):
+        # Without the varying-axes types, shard_map hands us a cotangent we
+        # cannot tell apart from a replicated one, and the weight gradient
+        # would come out scaled.
+        raise ValueError(
+            f"{_NAME}: gradients with axis_name={axis_name!r} need jax.shard_map with "
+            "check_vma=True (the default) and weight sharded over that axis"
+        )
+    n = h.shape[0]
+    v_local = w.shape[1]
+    vocab = _vocab_size(axis_name, v_local)
+    offset = _shard_offset(axis_name, v_local)
+    inv_t = _inverse(t)
+    acc = _acc(h.dtype)
+    g = g.astype(acc)
+    # d loss / d y_j = g * ((1 + 2 z lse) p_j - (1 - alpha) [j == label] - alpha / V)
+    # An out-of-range label: NaN loss, zero gradient, as in the unfused loss.
+    g = jnp.where(valid, g, 0.0)
+    if mask is not None:
+        g = jnp.where(mask, g, 0.0)
+        h = jnp.where(mask[:, None], h, jnp.zeros((), h.dtype))
+    a = (g * (1 + 2 * z_loss * lse))[:, None]
+    b = (g * (1 - alpha))[:, None]
+    e = (g * (alpha / vocab))[:, None]
+    # d y / d z = 1 / t, folded into the coefficients.
+    if inv_t is not None:
+        row_inv_t = inv_t if inv_t.ndim == 0 else inv_t.reshape(n, 1)
+    lse_col = lse[:, None]
+
+    def step(carry, start, w_c):
+        dh, dw, ty = carry
+        z = _dot(h, w_c)
+        y = z if inv_t is None else z * row_inv_t
+        p = jnp.exp(y - lse_col)
+        cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, w_c.shape[1]), 1)
+        dy = a * p - jnp.where(cols == labels[:, None], b, 0.0) - e
+        if inv_t is not None:
+            ty = ty + jnp.sum(dy * y, axis=1)
+            dy = dy * row_inv_t
+        dz = dy.astype(w.dtype)
+        dh = dh + _dot(dz, w_c.T)
+        dw_c = _dot_tn(h, dz.astype(h.dtype)).astype(w.dtype)
+        dw = lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=1)
+        return dh, dw, ty
+
+    carry = (
+        jnp.zeros(h.shape, acc),
+        jnp.zeros(w.shape, w.dtype),
+        jnp.zeros((n,), acc),
+    )
+    axes = _vma(h, w, labels, inv_t, a, b, e)
+    carry = tuple(_varying(c, axes) for c in carry)
+    count, rest = _chunks(v_local, chunk)
+    if count:
+        carry = lax.fori_loop(
+            0,
+            count,
+            lambda i, c: step(
+                c, i * chunk, lax.dynamic_slice_in_dim(w, i * chunk, chunk, axis=1)
+            ),
+            carry,
+        )
+    if rest:
+        carry = step(carry, count * chunk, w[:, count * chunk :])
+    dh, dw, ty = carry
+    dh = _psum(dh, axis_name)
+    dt = None
+    if t is not None:
+        # y = z / t, so d loss / d t = -(1 / t) * sum_j (d loss / d y_j) y_j.
+        dt_rows = -_psum(ty, axis_name) * inv_t.reshape(-1)
+        dt = jnp.sum(dt_rows) if t.ndim == 0 else dt_rows.reshape(t.shape)
+        dt = dt.astype(t.dtype)
+    # The options' own derivatives are cheap: both are per-example numbers.
+    d_alpha = jnp.sum(g * (y_label - y_sum / vocab)).astype(alpha.dtype)
+    d_z = jnp.sum(g * lse * lse).astype(z_loss.dtype)
+    return dh.astype(h.dtype), dw, None, dt, None, d_alpha, d_z
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+_fused_jit = jax.jit(_fused, static_argnums=(0, 1))
+
+
+# --------------------------------------------------------------------------
+# The public function.
+# --------------------------------------------------------------------------
+
+
+def _check_float(arg, x):
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        try:
+            dtype = np.asarray(x).dtype
+        except Exception as err:
+            raise TypeError(f"{_NAME}: {arg} must be an array of real numbers; got {x!r}") from err
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.asarray(x)
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.asarray(x).astype(jnp.result_type(float))
+    raise TypeError(
+        f"{_NAME}: {arg} has dtype {dtype}, which is not a real number type; "
+        f"cast it first, e.g. {arg}.astype(jnp.float32)"
+    )
+
+
+def _check_option(arg, value, low, high, hint, dtype):
+    """A non-negative (or [0, 1]) scalar option; traced values pass unchecked."""
+    arr = jnp.asarray(value)
+    if arr.ndim != 0:
+        raise ValueError(f"{_NAME}: {arg} must be a scalar; got shape {arr.shape}")
+    if not is_traced(value):
+        v = float(np.asarray(value))
+        if not (low <= v <= high):
+            raise ValueError(f"{_NAME}: {arg} must be in [{low}, {high}] ({hint}); got {v!r}")
+    return arr.astype(dtype)
+
+
+def fused_linear_cross_entropy(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    labels: ArrayLike,
+    *,
+    where: ArrayLike | None = None,
+    chunk_size: int | None = None,
+    temperature: ArrayLike = 1.0,
+    label_smoothing: ArrayLike = 0.0,
+    z_loss: ArrayLike = 0.0,
+    axis_name: AxisName | None = None,
+) -> jax.Array:
+    r"""Cross-entropy of ``hidden @ weight`` without materialising the logits.
+
+    .. math::
+        \ell_n = \mathrm{lse}(y_n) - \sum_j q_{nj} y_{nj} + \zeta\, \mathrm{lse}(y_n)^2,
+        \quad y_n = \frac{h_n W}{t},
+        \quad q_n = (1 - \alpha)\, e_{\mathrm{label}_n} + \frac{\alpha}{V}
+
+    Equal, in value and in gradients with respect to ``hidden``, ``weight``,
+    ``temperature``, ``label_smoothing`` and ``z_loss``, to the unfused
+    ``softmax_cross_entropy_with_integer_labels(hidden @ weight, labels,
+    temperature=..., label_smoothing=...)`` plus the z-loss, but the [N, V]
+    logits never exist: the vocabulary is processed ``chunk_size`` columns
+    at a time with an online logsumexp, and the backward pass recomputes each
+    chunk's logits. Temporary memory is O(N * chunk_size) instead of O(N * V);
+    the price is one more matmul (the recomputation) in the backward pass.
+
+    Label smoothing is ``optax.smooth_labels`` followed by the soft-label
+    cross-entropy. The z-loss (PaLM) adds ``z_loss * lse(logits / t) ** 2``
+    per example. Masked examples give loss 0 and zero gradients; a label
+    outside ``[0, V)`` on an included example gives NaN, never a silently
+    wrong number (and, as in the unfused loss, zero gradient). bfloat16 / float16 inputs go into the
+    matmuls as they are, with float32 accumulation and a float32 logsumexp;
+    the loss is returned in the inputs' dtype.
+
+    Args:
+      hidden: [N, D] activations (or [..., D]; leading axes are the batch).
+      weight: [D, V] output projection.
+      labels: integer class indices of shape [N] (``hidden.shape[:-1]``).
+      where: optional boolean mask of the labels' shape; False excludes the
+        example (loss 0, zero gradients).
+      chunk_size: vocabulary columns per chunk, a positive int. None picks a
+        power of two with about 2**21 logits per chunk (N * chunk_size), at
+        least 256 and at most V. V need not be a multiple of it.
+      temperature: t > 0 dividing the logits, a scalar or one per example.
+        (The limits t = 0 and t = inf of :func:`jsoftmax.log_softmax` are not
+        supported here: a concrete one raises ValueError, a traced one gives
+        NaN.)
+      label_smoothing: alpha in [0, 1].
+      z_loss: coefficient >= 0 of the squared logsumexp.
+      axis_name: name of a mesh axis (inside ``jax.shard_map``) over which
+        ``weight``'s vocabulary axis is sharded. ``hidden``, ``labels`` and
+        ``where`` are then the same on every shard of that axis, labels are
+        global class indices, and the result is the loss over the whole
+        vocabulary (Megatron-style vocab-parallel cross-entropy). The
+        gradient of ``weight`` stays sharded.
+
+    Returns:
+      The per-example loss, shape ``labels.shape``, in the dtype of
+      ``hidden @ weight``.
+
+    Examples:
+      >>> import jsoftmax
+      >>> hidden = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> weight = jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, -1.0]])
+      >>> jsoftmax.fused_linear_cross_entropy(hidden, weight, jnp.array([0, 1]), chunk_size=2)
+      Array([0.5514447 , 0.14293163], dtype=float32)
+      >>> jsoftmax.fused_linear_cross_entropy(
+      ...     hidden, weight, jnp.array([0, 1]), where=jnp.array([True, False]))
+      Array([0.5514447, 0.       ], dtype=float32)
+    """
+    h = _check_float("hidden", hidden)
+    w = _check_float("weight", weight)
+    if h.ndim < 1:
+        raise ValueError(f"{_NAME}: hidden must have shape [N, D]; got a scalar")
+    if w.ndim != 2:
+        raise ValueError(f"{_NAME}: weight must have shape [D, V]; got shape {w.shape}")
+    if h.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"{_NAME}: hidden has shape {h.shape} and weight {w.shape}; hidden's last axis "
+            f"(D = {h.shape[-1]}) must equal weight's first axis ({w.shape[0]}). If your "
+            "weight is [V, D] (an embedding table), pass weight.T"
+        )
+    if w.shape[1] == 0:
+        raise ValueError(f"{_NAME}: weight has no vocabulary columns (shape {w.shape})")
+    lab = jnp.asarray(labels)
+    if not jnp.issubdtype(lab.dtype, jnp.integer):
+        raise TypeError(
+            f"{_NAME}: labels must be integer class indices; got dtype {lab.dtype}. "
+            "For soft (probability) labels use the unfused softmax_cross_entropy"
+        )
+    batch = h.shape[:-1]
+    if lab.shape != batch:
+        raise ValueError(
+            f"{_NAME}: labels has shape {lab.shape} but hidden {h.shape} has batch shape "
+            f"{batch}; give one label per row of hidden"
+        )
+    mask = broadcast_mask(_NAME, where, batch)
+    if chunk_size is not None and (
+        not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
+    ):
+        raise TypeError(f"{_NAME}: chunk_size must be a positive int or None; got {chunk_size!r}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"{_NAME}: chunk_size must be a positive int; got {chunk_size}")
+    if axis_name is not None and not isinstance(axis_name, Hashable):
+        raise TypeError(f"{_NAME}: axis_name must be a mesh axis name or None; got {axis_name!r}")
+    if not is_traced(temperature):
+        values = np.asarray(temperature, dtype=np.float64)
+        if np.any(values == 0) or np.any(np.isinf(values)):
+            raise ValueError(
+                f"{_NAME}: temperature must be finite and > 0 here; for the hard-max (0) or "
+                "uniform (inf) limits use the unfused loss on hidden @ weight"
+            )
+    dtype = jnp.result_type(h.dtype, w.dtype)
+    acc = _acc(dtype)
+    alpha = _check_option("label_smoothing", label_smoothing, 0.0, 1.0, "0 = no smoothing", acc)
+    zeta = _check_option("z_loss", z_loss, 0.0, np.inf, "0 = no z-loss; PaLM uses 1e-4", acc)
+
+    h, w = h.astype(dtype), w.astype(dtype)
+    n = int(np.prod(batch, dtype=np.int64))
+    d, v = w.shape
+    h2 = h.reshape(n, d)
+    lab = lab.reshape(n).astype(jnp.int32)
+    mask = None if mask is None else mask.reshape(n)
+    t = canonicalize_temperature(_NAME, temperature, (*batch, v), (len(batch),), acc)
+    if t is not None and t.ndim:
+        t = jnp.broadcast_to(t, (*batch, 1)).reshape(n, 1)
+    chunk = _default_chunk_size(n, v) if chunk_size is None else int(min(chunk_size, v))
+    # Inside shard_map, give every input the varying mesh axes of all of them
+    # except ``axis_name`` (a data-parallel batch, say), so that the custom
+    # derivative sees one type; the transposes of these casts sum the
+    # gradients of replicated inputs over those axes.
+    names = set() if axis_name is None else set(_axis_names(axis_name))
+    every = _vma(h2, w, lab, t, mask, alpha, zeta)
+    if names and every and not names <= _vma(w):
+        raise ValueError(
+            f"{_NAME}: axis_name={axis_name!r} but weight does not vary over that mesh axis; "
+            "shard weight's vocabulary axis over it, e.g. in_specs=P(None, "
+            f"{axis_name!r}) in jax.shard_map"
+        )
+    others = every - names
+    h2, w, lab, t, mask, alpha, zeta = (
+        _varying(x, others) for x in (h2, w, lab, t, mask, alpha, zeta)
+    )
+    loss = _fused_jit(chunk, axis_name, h2, w, lab, t, mask, alpha, zeta)
+    return loss.reshape(batch).astype(dtype)

@@ -1,0 +1,327 @@
+"""Tests for fused_linear_cross_entropy against a float64 NumPy reference.
+
+The reference materialises the logits and applies the textbook formulas:
+label smoothing as optax.smooth_labels followed by the soft-label
+cross-entropy, logits divided by the temperature, z_loss * lse ** 2, and the
+gradient d loss / d logits = ((1 + 2 z lse) softmax - q) / t derived by hand.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.test_util import check_grads
+
+import jsoftmax
+from jsoftmax import fused_linear_cross_entropy
+
+N, D, V = 6, 5, 11  # V is prime: every chunk size but 1 and V leaves a remainder
+
+
+def _reference(h, w, labels, g, *, t=1.0, alpha=0.0, z=0.0, mask=None):
+    """Loss and the gradients of sum(g * loss) in float64, by hand."""
+    h = np.asarray(h, np.float64)
+    w = np.asarray(w, np.float64)
+    n, v = h.shape[0], w.shape[1]
+    t = np.broadcast_to(np.asarray(t, np.float64), (n,))[:, None]
+    y = (h @ w) / t
+    top = y.max(axis=1, keepdims=True)
+    lse = top + np.log(np.exp(y - top).sum(axis=1, keepdims=True))
+    probs = np.exp(y - lse)
+    valid = (labels >= 0) & (labels < v)
+    onehot = np.zeros((n, v))
+    onehot[np.flatnonzero(valid), labels[valid]] = 1.0
+    q = (1 - alpha) * onehot + alpha / v
+    loss = -(q * (y - lse)).sum(axis=1) + z * lse[:, 0] ** 2
+    loss[~valid] = np.nan
+    g = np.asarray(g, np.float64).copy()
+    g[~valid] = 0.0  # NaN loss, zero gradient (as the unfused loss)
+    if mask is not None:
+        loss[~mask] = 0.0
+        g[~mask] = 0.0
+    dy = g[:, None] * ((1 + 2 * z * lse) * probs - q)
+    if mask is not None:
+        dy[~mask] = 0.0
+    dz = dy / t
+    grads = {
+        "hidden": dz @ w.T,
+        "weight": np.where(mask[:, None], h, 0.0).T @ dz if mask is not None else h.T @ dz,
+        "temperature": -(dy * y).sum(axis=1) / t[:, 0],
+    }
+    return loss, grads
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(N, D)).astype(np.float32)
+    w = (2 * rng.normal(size=(D, V))).astype(np.float32)
+    labels = rng.integers(0, V, size=N).astype(np.int32)
+    g = rng.uniform(0.5, 1.5, size=N).astype(np.float32)
+    return h, w, labels, g
+
+
+CASES = {
+    "plain": {},
+    "temperature": {"t": 0.7},
+    "per_example_temperature": {"t": np.linspace(0.5, 2.0, N).astype(np.float32)},
+    "smoothing": {"alpha": 0.2},
+    "z_loss": {"z": 0.01},
+    "everything": {"t": 1.3, "alpha": 0.1, "z": 0.05},
+}
+
+
+def _call(h, w, labels, *, t=1.0, alpha=0.0, z=0.0, mask=None, chunk_size=None, jit=False):
+    def f(h, w, t):
+        return fused_linear_cross_entropy(
+            h, w, labels, where=mask, chunk_size=chunk_size, temperature=t,
+            label_smoothing=alpha, z_loss=z,
+        )
+
+    return jax.jit(f) if jit else f
+
+
+@pytest.mark.parametrize(
+    ("case", "chunk_size", "jit"),
+    [(case, chunk, False) for case in sorted(CASES) for chunk in (4, None)]
+    + [("everything", 4, True), ("per_example_temperature", None, True)],
+)
+def test_values_and_gradients(data, case, chunk_size, jit):
+    h, w, labels, g = data
+    opts = CASES[case]
+    t = opts.get("t", 1.0)
+    f = _call(h, w, labels, **opts, chunk_size=chunk_size, jit=jit)
+    loss, vjp = jax.vjp(f, h, w, jnp.asarray(t, jnp.float32))
+    dh, dw, dt = vjp(jnp.asarray(g))
+    ref, grads = _reference(h, w, labels, g, **opts)
+    np.testing.assert_allclose(loss, ref, rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(dh, grads["hidden"], rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(dw, grads["weight"], rtol=2e-4, atol=1e-5)
+    expected_dt = grads["temperature"]
+    if np.ndim(t) == 0:
+        expected_dt = expected_dt.sum()
+    np.testing.assert_allclose(dt, expected_dt, rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["plain", "everything", "per_example_temperature"])
+def test_equals_the_unfused_loss(data, case):
+    """The fused loss is jsoftmax's integer-label cross-entropy of hidden @ weight,
+    plus the z-loss, in values and in gradients (both through autodiff here)."""
+    h, w, labels, g = data
+    opts = CASES[case]
+    t, alpha, z = opts.get("t", 1.0), opts.get("alpha", 0.0), opts.get("z", 0.0)
+    mask = np.array([True, True, False, True, True, True])
+
+    def unfused(h, w, t):
+        logits = h @ w
+        ce = jsoftmax.softmax_cross_entropy_with_integer_labels(
+            logits, labels, where=mask, temperature=t, label_smoothing=alpha
+        )
+        t_col = jnp.reshape(t, (-1, 1)) if jnp.ndim(t) else t
+        lse = jsoftmax.logsumexp(logits / t_col, axis=-1)
+        return ce + jnp.where(mask, z * lse**2, 0.0)
+
+    def fused(h, w, t):
+        return fused_linear_cross_entropy(
+            h, w, labels, where=mask, chunk_size=4, temperature=t, label_smoothing=alpha,
+            z_loss=z,
+        )
+
+    t = jnp.asarray(t, jnp.float32)
+    expected, vjp = jax.vjp(unfused, h, w, t)
+    got, vjp2 = jax.vjp(fused, h, w, t)
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-5)
+    for actual, want in zip(vjp2(jnp.asarray(g)), vjp(jnp.asarray(g)), strict=True):
+        np.testing.assert_allclose(actual, want, rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, V, 64])
+def test_chunk_sizes_agree_with_optax(data, chunk_size):
+    h, w, labels, _ = data
+    loss = fused_linear_cross_entropy(h, w, labels, chunk_size=chunk_size)
+    expected = optax.losses.softmax_cross_entropy_with_integer_labels(h @ w, labels)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [3, V])
+def test_confident_predictions_keep_relative_accuracy(chunk_size):
+    """Losses far below 1 (the label's logit dominates) are accurate relative
+    to their own size, not to the size of the logits; the maximum sits in a
+    later chunk for some rows, so the running sums get rescaled."""
+    rng = np.random.default_rng(5)
+    d = 16  # > V, so any logits can be reached
+    w = rng.normal(size=(d, V)).astype(np.float32)
+    labels = np.array([0, 4, 7, 10, 5, 9], np.int32)
+    # Logits margin * [j == label] + noise, so the loss is about V exp(-margin).
+    margins = 12.0 + 2.0 * np.arange(N)
+    targets = np.where(np.arange(V) == labels[:, None], margins[:, None], 0.0)
+    targets = targets + rng.normal(0, 0.3, (N, V))
+    h = np.linalg.lstsq(w.T.astype(np.float64), targets.T, rcond=None)[0].T.astype(np.float32)
+    loss = fused_linear_cross_entropy(h, w, labels, chunk_size=chunk_size)
+    ref, _ = _reference(h, w, labels, np.ones(N))
+    assert np.all(ref < 1e-4) and np.all(ref > 1e-11)
+    np.testing.assert_allclose(loss, ref, rtol=1e-4)
+
+
+def test_batch_axes_and_per_example_temperature(data):
+    h, w, labels, g = data
+    t = np.linspace(0.5, 2.0, N).astype(np.float32)
+    loss = fused_linear_cross_entropy(
+        h.reshape(2, 3, D), w, labels.reshape(2, 3), temperature=t.reshape(2, 3), chunk_size=4
+    )
+    ref, _ = _reference(h, w, labels, g, t=t)
+    assert loss.shape == (2, 3)
+    np.testing.assert_allclose(loss.reshape(N), ref, rtol=2e-5, atol=1e-5)
+
+
+def test_mask_gives_zero_loss_and_gradients(data):
+    h, w, labels, g = data
+    h = h.copy()
+    h[1] = np.nan  # a masked row's garbage must not leak
+    labels = labels.copy()
+    labels[4] = V + 3  # nor its out-of-range label
+    mask = np.array([True, False, True, True, False, True])
+    f = _call(h, w, labels, mask=mask, alpha=0.1, z=0.01, chunk_size=4)
+    loss, vjp = jax.vjp(f, h, w, jnp.float32(1.0))
+    dh, dw, _ = vjp(jnp.asarray(g))
+    ref, grads = _reference(np.nan_to_num(h), w, labels, g, alpha=0.1, z=0.01, mask=mask)
+    np.testing.assert_allclose(loss, ref, rtol=2e-5, atol=1e-5)
+    assert np.all(np.asarray(dh)[~mask] == 0)
+    np.testing.assert_allclose(dh, grads["hidden"], rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(dw, grads["weight"], rtol=2e-4, atol=1e-5)
+
+
+def test_fully_masked_batch(data):
+    h, w, labels, _ = data
+    mask = np.zeros(N, bool)
+    loss, (dh, dw) = jax.value_and_grad(
+        lambda h, w: fused_linear_cross_entropy(h, w, labels, where=mask).sum(), (0, 1)
+    )(h, w)
+    assert loss == 0
+    assert not np.any(dh) and not np.any(dw)
+
+
+@pytest.mark.parametrize("bad", [-1, V, 1000])
+def test_out_of_range_label_is_nan(data, bad):
+    h, w, labels, _ = data
+    labels = labels.copy()
+    labels[2] = bad
+    loss = jax.jit(lambda h, w: fused_linear_cross_entropy(h, w, labels, chunk_size=4))(h, w)
+    assert np.isnan(loss[2])
+    ref, _ = _reference(h, w, labels, np.ones(N))
+    keep = np.arange(N) != 2
+    np.testing.assert_allclose(np.asarray(loss)[keep], ref[keep], rtol=2e-5, atol=1e-5)
+    # The example's gradient is zero, as in the unfused loss; the others are untouched.
+    weights = np.where(keep, 1.0, 0.5).astype(np.float32)
+    dh, dw = jax.grad(
+        lambda h, w: jnp.sum(weights * fused_linear_cross_entropy(h, w, labels, chunk_size=4)),
+        (0, 1),
+    )(h, w)
+    _, grads = _reference(h, w, labels, weights)
+    assert np.all(dh[2] == 0)
+    np.testing.assert_allclose(dh, grads["hidden"], rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(dw, grads["weight"], rtol=2e-4, atol=1e-5)
+    unfused_dh = jax.grad(
+        lambda h: jnp.sum(weights * jsoftmax.softmax_cross_entropy_with_integer_labels(
+            h @ w, labels))
+    )(h)
+    np.testing.assert_allclose(dh, unfused_dh, rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_low_precision_accumulates_in_float32(data, dtype):
+    h, _, _, _ = data
+    rng = np.random.default_rng(1)
+    # A wide vocabulary makes a low-precision sum of exponentials visibly wrong.
+    w = rng.normal(size=(D, 4099)).astype(np.float32)
+    labels = rng.integers(0, 4099, size=N).astype(np.int32)
+    h_lo, w_lo = jnp.asarray(h, dtype), jnp.asarray(w, dtype)
+    loss, (dh, dw) = jax.value_and_grad(
+        lambda h, w: fused_linear_cross_entropy(h, w, labels, chunk_size=512).sum(), (0, 1)
+    )(h_lo, w_lo)
+    per_example = fused_linear_cross_entropy(h_lo, w_lo, labels, chunk_size=512)
+    assert per_example.dtype == dtype and dh.dtype == dtype and dw.dtype == dtype
+    # The reference sees exactly the rounded inputs.
+    ref, grads = _reference(np.asarray(h_lo, np.float64), np.asarray(w_lo, np.float64), labels,
+                            np.ones(N))
+    np.testing.assert_allclose(np.asarray(per_example, np.float64), ref, rtol=1e-2)
+    np.testing.assert_allclose(float(loss), ref.sum(), rtol=1e-2)
+    np.testing.assert_allclose(np.asarray(dh, np.float64), grads["hidden"], rtol=3e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), grads["weight"], rtol=3e-2, atol=1e-3)
+
+
+def test_check_grads_float64(x64):
+    rng = np.random.default_rng(2)
+    h = rng.normal(size=(3, 4))
+    w = rng.normal(size=(4, 7))
+    labels = np.array([0, 6, 3], np.int32)
+    mask = np.array([True, True, False])
+
+    def f(h, w, t, alpha, z):
+        loss = fused_linear_cross_entropy(
+            h, w, labels, where=mask, chunk_size=3, temperature=t, label_smoothing=alpha,
+            z_loss=z,
+        )
+        return jnp.sum(loss * jnp.array([1.0, 0.5, 2.0]))
+
+    check_grads(f, (h, w, 0.8, 0.1, 0.05), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_traced_invalid_temperature_is_nan(data):
+    h, w, labels, _ = data
+    loss = jax.jit(lambda t: fused_linear_cross_entropy(h, w, labels, temperature=t))(0.0)
+    assert np.all(np.isnan(loss))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"hidden": np.zeros((N, D + 1))}, ValueError, "last axis"),
+        ({"weight": np.zeros((D, V, 1))}, ValueError, r"\[D, V\]"),
+        ({"labels": np.zeros(N)}, TypeError, "integer class indices"),
+        ({"labels": np.zeros(N + 1, np.int32)}, ValueError, "one label per row"),
+        ({"where": np.ones(N + 1, bool)}, ValueError, "does not broadcast"),
+        ({"chunk_size": 0}, ValueError, "positive"),
+        ({"chunk_size": -4}, ValueError, "positive"),
+        ({"chunk_size": 2.5}, TypeError, "positive int"),
+        ({"temperature": 0.0}, ValueError, "finite and > 0"),
+        ({"temperature": np.inf}, ValueError, "finite and > 0"),
+        ({"temperature": -1.0}, ValueError, ">= 0"),
+        ({"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+        ({"z_loss": -0.1}, ValueError, "z_loss"),
+        ({"hidden": np.zeros((N, D), np.complex64)}, TypeError, "real number"),
+    ],
+)
+def test_errors(data, kwargs, error, match):
+    h, w, labels, _ = data
+    args = {"hidden": h, "weight": w, "labels": labels, **kwargs}
+    with pytest.raises(error, match=match):
+        fused_linear_cross_entropy(args.pop("hidden"), args.pop("weight"), args.pop("labels"),
+                                   **args)
+
+
+def test_compiled_memory_is_a_fraction_of_unfused():
+    """Temporary memory of jit(value_and_grad(mean loss)); deterministic, so assertable."""
+    n, d, v = 1024, 64, 8192
+    h = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+    labels = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def temp_bytes(loss_fn):
+        step = jax.jit(jax.value_and_grad(lambda h, w, y: loss_fn(h, w, y).mean(), (0, 1)))
+        return step.lower(h, w, labels).compile().memory_analysis().temp_size_in_bytes
+
+    fused = temp_bytes(lambda h, w, y: fused_linear_cross_entropy(h, w, y, chunk_size=256))
+    for ce in (
+        optax.losses.softmax_cross_entropy_with_integer_labels,
+        jsoftmax.softmax_cross_entropy_with_integer_labels,
+    ):
+        unfused = temp_bytes(lambda h, w, y, ce=ce: ce(h @ w, y))
+        assert unfused >= 2 * n * v * 4  # the logits and their gradient
+        assert fused * 8 <= unfused, (fused, unfused)
+
+
+def test_exported_at_top_level():
+    assert jsoftmax.fused_linear_cross_entropy is fused_linear_cross_entropy
+    assert "fused_linear_cross_entropy" in jsoftmax.__all__

@@ -1,0 +1,41 @@
+"""Runs tests/multidevice/ on 4 simulated CPU devices in a subprocess.
+
+XLA reads the device count once, when JAX starts, so the flag cannot be set
+inside this session without disturbing every other test.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_vocab_parallel_on_four_devices():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
+    env["JSOFTMAX_MULTIDEVICE"] = "1"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(ROOT / "tests" / "multidevice")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+
+
+def test_named_reduction_is_a_distinct_static_argument():
+    """The named axes are a tuple of ints to jnp, but never equal to the plain
+    axes, so jit never reuses an unsharded compilation for a sharded call."""
+    from jsoftmax.core import _Reduction
+
+    named = _Reduction((1,), "v")
+    assert tuple(named) == (1,)
+    assert named != (1,) and (1,) != named and not named == (1,)
+    assert named == _Reduction((1,), "v") and named != _Reduction((1,), "w")
+    assert hash(named) == hash(_Reduction((1,), "v")) != hash((1,))
