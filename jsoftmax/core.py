@@ -202,7 +202,10 @@ def _plain_logits(axes, x, exclude=True):
     entries to -inf by a factor 4. Elsewhere y = x - max exactly.
     """
     big = jnp.finfo(x.dtype).max
-    x_max = jnp.max(x, axis=axes, keepdims=True, initial=-_INF)
+    # Everything downstream is invariant to the shift, so it carries no
+    # derivative (differentiating the fast JVP twice would otherwise need one
+    # of max and, across devices, of pmax, which has none).
+    x_max = _max(lax.stop_gradient(x), axes)
     finite_max = big / jnp.maximum(x_max, big)  # 0 where the max is +inf, else 1
     # Two mins, not min(max(..)): XLA would make a clamp, which its fusion rejects.
     shift = -jnp.minimum(-jnp.minimum(x_max, big), big)
