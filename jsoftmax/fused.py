@@ -114,15 +114,10 @@ def _varying(x, axes):
     return lax.pvary(x, missing)  # jax < 0.8
 
 
-def _chunks(v, chunk):
-    """``(count, remainder)``: full chunks of ``chunk`` columns and what is left."""
-    return v // chunk, v % chunk
-
-
 def _over_chunks(step, carry, w, v_local, chunk):
     """Runs ``carry = step(carry, start, w[:, start:start + chunk])`` over the
     vocabulary: a fori_loop over the full chunks, then the remainder once."""
-    count, remainder = _chunks(v_local, chunk)
+    count, remainder = divmod(v_local, chunk)
     if count:
         carry = lax.fori_loop(
             0,
