@@ -78,6 +78,17 @@ def canonicalize_axes(name: str, axis: Axis, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(normalized))
 
 
+def ordered_axes(name: str, axis: Axis, ndim: int) -> tuple[int, ...]:
+    """Like :func:`canonicalize_axes` but keeping the order given, which
+    defines the flat index over several class axes (losses, sampling)."""
+    axes = canonicalize_axes(name, axis, ndim)  # validates range and duplicates
+    if axis is None:
+        return axes
+    if isinstance(axis, Sequence):
+        return tuple(int(a) % ndim for a in axis)
+    return (int(axis) % ndim,)
+
+
 def broadcast_mask(name: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
     """Broadcasts ``where`` to ``shape`` as a boolean array (None stays None)."""
     if where is None:

@@ -114,9 +114,20 @@ def _varying(x, axes):
     return lax.pvary(x, missing)  # jax < 0.8
 
 
-def _chunks(v, chunk):
-    """``(count, remainder)``: full chunks of ``chunk`` columns and what is left."""
-    return v // chunk, v % chunk
+def _over_chunks(step, carry, w, v_local, chunk):
+    """Runs ``carry = step(carry, start, w[:, start:start + chunk])`` over the
+    vocabulary: a fori_loop over the full chunks, then the remainder once."""
+    count, remainder = divmod(v_local, chunk)
+    if count:
+        carry = lax.fori_loop(
+            0,
+            count,
+            lambda i, c: step(c, i * chunk, lax.dynamic_slice_in_dim(w, i * chunk, chunk, axis=1)),
+            carry,
+        )
+    if remainder:
+        carry = step(carry, count * chunk, w[:, count * chunk :])
+    return carry
 
 
 # --------------------------------------------------------------------------
@@ -163,18 +174,7 @@ def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
     # Under shard_map, the loop state varies over whatever the chunks vary over.
     axes = _vma(h, w, labels, inv_t)
     carry = tuple(_varying(c, axes) for c in carry)
-    count, remainder = _chunks(v_local, chunk)
-    if count:
-        carry = lax.fori_loop(
-            0,
-            count,
-            lambda i, c: step(
-                c, i * chunk, lax.dynamic_slice_in_dim(w, i * chunk, chunk, axis=1)
-            ),
-            carry,
-        )
-    if remainder:
-        carry = step(carry, count * chunk, w[:, count * chunk :])
+    carry = _over_chunks(step, carry, w, v_local, chunk)
     m, rest = carry
     if axis_name is not None:
         m_global = lax.pmax(m, axis_name)
@@ -306,18 +306,7 @@ def _fused_bwd(chunk, axis_name, residuals, g):
     )
     axes = _vma(h, w, labels, inv_t, a, b, e)
     carry = tuple(_varying(c, axes) for c in carry)
-    count, rest = _chunks(v_local, chunk)
-    if count:
-        carry = lax.fori_loop(
-            0,
-            count,
-            lambda i, c: step(
-                c, i * chunk, lax.dynamic_slice_in_dim(w, i * chunk, chunk, axis=1)
-            ),
-            carry,
-        )
-    if rest:
-        carry = step(carry, count * chunk, w[:, count * chunk :])
+    carry = _over_chunks(step, carry, w, v_local, chunk)
     dh, dw, ty = carry
     dh = _psum(dh, axis_name)
     dt = None

@@ -16,8 +16,6 @@ batch (see the README for the measured comparison with optax).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +29,7 @@ from jsoftmax._checks import (
     canonicalize_axes,
     canonicalize_temperature,
     is_traced,
+    ordered_axes,
 )
 from jsoftmax.core import AxisName, log_softmax, logsumexp
 
@@ -42,16 +41,6 @@ _INF = float("inf")
 # --------------------------------------------------------------------------
 # Argument handling shared by both losses.
 # --------------------------------------------------------------------------
-
-
-def _ordered_axes(name: str, axis: Axis, ndim: int) -> tuple[int, ...]:
-    """Non-negative axes in the order given (the order defines flat labels)."""
-    axes = canonicalize_axes(name, axis, ndim)  # validates range and duplicates
-    if axis is None:
-        return axes
-    if isinstance(axis, Sequence):
-        return tuple(int(a) % ndim for a in axis)
-    return (int(axis) % ndim,)
 
 
 def _loss_mask(name: str, where: ArrayLike | None, shape, axes) -> jax.Array | None:
@@ -414,7 +403,7 @@ def softmax_cross_entropy_with_integer_labels(
     """
     name = "softmax_cross_entropy_with_integer_labels"
     x, out_dtype = as_real_array(name, logits, "logits")
-    axes = _ordered_axes(name, axis, x.ndim)
+    axes = ordered_axes(name, axis, x.ndim)
     if axis_name is not None and len(axes) != 1:
         raise ValueError(
             f"{name}: with axis_name the classes must be one axis (the sharded one); "

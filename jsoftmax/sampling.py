@@ -8,8 +8,6 @@ temperature limits behave as they do there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,9 +17,9 @@ from jsoftmax._checks import (
     Axis,
     as_real_array,
     broadcast_mask,
-    canonicalize_axes,
     canonicalize_temperature,
     is_traced,
+    ordered_axes,
     reduced_shape,
 )
 from jsoftmax.core import log_softmax, softmax
@@ -29,16 +27,6 @@ from jsoftmax.core import log_softmax, softmax
 __all__ = ["gumbel_softmax", "sample"]
 
 _INF = float("inf")
-
-
-def _ordered_axes(name: str, axis: Axis, ndim: int) -> tuple[int, ...]:
-    """Non-negative axes in the order given (the order defines flat indices)."""
-    axes = canonicalize_axes(name, axis, ndim)
-    if axis is None:
-        return axes
-    if isinstance(axis, Sequence):
-        return tuple(int(a) % ndim for a in axis)
-    return (int(axis) % ndim,)
 
 
 def _to_last(a: jax.Array, batch_axes, axes) -> jax.Array:
@@ -155,7 +143,7 @@ def sample(
     """
     name = "sample"
     x, _ = as_real_array(name, logits, "logits")
-    axes = _ordered_axes(name, axis, x.ndim)
+    axes = ordered_axes(name, axis, x.ndim)
     sorted_axes = tuple(sorted(axes))
     batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
     batch = reduced_shape(x.shape, sorted_axes)
@@ -259,7 +247,7 @@ def gumbel_softmax(
     """
     name = "gumbel_softmax"
     x, out_dtype = as_real_array(name, logits, "logits")
-    axes = _ordered_axes(name, axis, x.ndim)
+    axes = ordered_axes(name, axis, x.ndim)
     sorted_axes = tuple(sorted(axes))
     batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
     mask = broadcast_mask(name, where, x.shape)
