@@ -483,6 +483,9 @@ def test_small_gradient_components_survive(x64):
     expected = -np.exp(-37.42994775023705) / (1 + np.exp(-37.42994775023705))
     np.testing.assert_allclose(float(g[1]), expected, rtol=1e-12)
     assert abs(float(g[1])) > 5e-17
+    # d log_softmax_0 / d z_0 = 1 - softmax_0 = softmax_1: below eps, so it
+    # survives only if it is not computed as 1 - (1 - 5.55e-17).
+    np.testing.assert_allclose(float(g[0]), -expected, rtol=1e-12)
 
 
 # ---------------------------------------------------------------- 9. errors
