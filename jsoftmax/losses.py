@@ -115,8 +115,11 @@ def _dense_cross_entropy(axes, x, labels, mask, t, alpha, axis_name):
         terms = jnp.where(mask, terms, 0.0)
     loss = 0.0 - _psum(jnp.sum(terms, axes), axis_name)  # 0 - 0 is +0, not -0
     # An example with nothing left to predict (every class masked or -inf).
-    left = jnp.sum(log_probs != -_INF, axes)
-    empty = _psum(left, axis_name) == 0
+    # The slice's total probability (1, or 0 when empty; NaN stays NaN) rather
+    # than a count of the finite entries: a compare inside the reduction would
+    # split XLA:CPU's fused kernel (and its max reduction drops NaNs).
+    mass = jnp.sum(jnp.exp(lax.stop_gradient(log_probs)), axes)
+    empty = _psum(mass, axis_name) == 0
     return jnp.where(empty, 0.0, loss)
 
 
