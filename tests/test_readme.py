@@ -1,0 +1,21 @@
+"""The README's Python examples run as written (the shard_map one needs 4
+devices and runs in tests/multidevice instead)."""
+
+import re
+from pathlib import Path
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if "shard_map" not in b]
+
+
+def test_readme_has_examples():
+    assert len(BLOCKS) >= 3
+    assert 'pip install -e ".[test]" && pytest' in README
+    assert README.index('pip install -e ".[demo]" && jsoftmax-train') < README.index("## Install")
+
+
+def test_readme_examples_run_in_order():
+    # Later blocks use the imports and arrays of earlier ones, as a reader would.
+    namespace: dict = {}
+    for index, block in enumerate(BLOCKS):
+        exec(compile(block, f"README block {index}", "exec"), namespace)
