@@ -269,7 +269,15 @@ def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced, axis_nam
         t_arg = jnp.where(top_is_inf | t_zero | t_inf, 1.0, t)
     else:
         t_arg = None
-    z = jnp.where(special, z_special, z)
+    if alpha is None and (t is None or not limits):
+        # x - x_y, except where x equals the label's logit: 0 there, which is
+        # the same for a finite x_y and for x_y = +inf gives the limit's 0 /
+        # -inf indicator with no per-example flag for the backward pass to
+        # keep. (x_y = -inf: -inf there, so that a row of -inf stays empty.)
+        at_label = jnp.where(x_y == -_INF, -_INF, 0.0)
+        z = jnp.where(x == x_y, at_label, x - x_y)
+    else:
+        z = jnp.where(special, z_special, z)
     lse = logsumexp(
         z, -1, None, True, False, mask, temperature=1.0 if t_arg is None else t_arg,
         axis_name=axis_name,
