@@ -51,6 +51,8 @@ def build(name: str) -> Path:
     source = (HERE / "_src" / f"{name}.py").read_text()
     nb = nbformat.v4.new_notebook()
     nb.cells = cells_from_source(source)
+    for i, cell in enumerate(nb.cells):  # stable ids: rebuilding changes only real output
+        cell.id = f"{name}-{i:02d}"
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
     for cell in nb.cells:  # execution counts and timings only add churn to diffs
