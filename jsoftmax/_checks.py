@@ -89,6 +89,31 @@ def ordered_axes(name: str, axis: Axis, ndim: int) -> tuple[int, ...]:
     return (int(axis) % ndim,)
 
 
+def class_layout(
+    name: str, axis: Axis, ndim: int
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(axes, sorted_axes, batch_axes)`` for functions that flatten the class
+    axes into one last axis (losses, sampling): the class axes in the order
+    given, the same sorted, and the remaining (batch) axes in order."""
+    axes = ordered_axes(name, axis, ndim)
+    batch_axes = tuple(i for i in range(ndim) if i not in axes)
+    return axes, tuple(sorted(axes)), batch_axes
+
+
+def classes_last(a: jax.Array, batch_axes: tuple[int, ...], axes: tuple[int, ...]) -> jax.Array:
+    """Moves ``axes`` (in the given order) last and merges them into one."""
+    a = jnp.transpose(a, batch_axes + axes)
+    return a.reshape((*a.shape[: len(batch_axes)], -1))
+
+
+def temperature_per_row(t: jax.Array | None, axes: tuple[int, ...]) -> jax.Array | None:
+    """A canonical temperature (scalar or keepdims shape) as ``[batch..., 1]``,
+    to go with :func:`classes_last`."""
+    if t is None or t.ndim == 0:
+        return t
+    return jnp.squeeze(t, axes)[..., None]
+
+
 def broadcast_mask(name: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
     """Broadcasts ``where`` to ``shape`` as a boolean array (None stays None)."""
     if where is None:

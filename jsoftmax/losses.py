@@ -28,8 +28,10 @@ from jsoftmax._checks import (
     broadcast_mask,
     canonicalize_axes,
     canonicalize_temperature,
+    class_layout,
+    classes_last,
     is_traced,
-    ordered_axes,
+    temperature_per_row,
 )
 from jsoftmax.core import AxisName, log_softmax, logsumexp
 
@@ -70,22 +72,9 @@ def _label_smoothing(name: str, alpha: ArrayLike, dtype) -> jax.Array | None:
     return jnp.asarray(alpha, dtype)
 
 
-def _slice_temperature(t: jax.Array | None, axes: tuple[int, ...]) -> jax.Array | None:
-    """A canonical temperature (scalar or keepdims shape) as ``[batch..., 1]``."""
-    if t is None or t.ndim == 0:
-        return t
-    return jnp.squeeze(t, axes)[..., None]
-
-
 def _psum(x, axis_name):
     """The sum over the shards of a vocab-parallel call (``x`` when unsharded)."""
     return x if axis_name is None else lax.psum(x, axis_name)
-
-
-def _flatten_slices(a: jax.Array, batch_axes, axes) -> jax.Array:
-    """Moves ``axes`` (in the given order) last and merges them into one."""
-    a = jnp.transpose(a, batch_axes + axes)
-    return a.reshape((*a.shape[: len(batch_axes)], -1))
 
 
 # --------------------------------------------------------------------------
@@ -414,14 +403,12 @@ def softmax_cross_entropy_with_integer_labels(
     """
     name = "softmax_cross_entropy_with_integer_labels"
     x, out_dtype = as_real_array(name, logits, "logits")
-    axes = ordered_axes(name, axis, x.ndim)
+    axes, sorted_axes, batch_axes = class_layout(name, axis, x.ndim)
     if axis_name is not None and len(axes) != 1:
         raise ValueError(
             f"{name}: with axis_name the classes must be one axis (the sharded one); "
             f"got axis={axis!r}"
         )
-    sorted_axes = tuple(sorted(axes))
-    batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
     batch_shape = tuple(x.shape[i] for i in batch_axes)
     label_dtype = getattr(labels, "dtype", None)
     if label_dtype is None:
@@ -442,18 +429,18 @@ def softmax_cross_entropy_with_integer_labels(
     mask = _loss_mask(name, where, x.shape, sorted_axes)
     t = canonicalize_temperature(name, temperature, x.shape, sorted_axes, x.dtype)
     alpha = _label_smoothing(name, label_smoothing, x.dtype)
-    x = _flatten_slices(x, batch_axes, axes)
+    x = classes_last(x, batch_axes, axes)
     if mask is not None:
-        mask = _flatten_slices(mask, batch_axes, axes)
-    t = _slice_temperature(t, sorted_axes)
+        mask = classes_last(mask, batch_axes, axes)
+    t = temperature_per_row(t, sorted_axes)
     # Whether t may be 0 or inf: only then are those limits compiled in.
+    traced = is_traced(temperature)
     if t is None:
         limits = False
-    elif is_traced(temperature):
+    elif traced:
         limits = True
     else:
         values = np.asarray(temperature, np.float64)
         limits = bool(np.any((values == 0) | np.isinf(values)))
-    traced = is_traced(temperature)
     loss = _integer_cross_entropy_jit(x, y, mask, t, alpha, limits, traced, axis_name)
     return loss.astype(out_dtype)

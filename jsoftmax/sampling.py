@@ -18,28 +18,17 @@ from jsoftmax._checks import (
     as_real_array,
     broadcast_mask,
     canonicalize_temperature,
+    class_layout,
+    classes_last,
     is_traced,
-    ordered_axes,
     reduced_shape,
+    temperature_per_row,
 )
 from jsoftmax.core import log_softmax, softmax
 
 __all__ = ["gumbel_softmax", "sample"]
 
 _INF = float("inf")
-
-
-def _to_last(a: jax.Array, batch_axes, axes) -> jax.Array:
-    """Moves ``axes`` (in the given order) last and merges them into one."""
-    a = jnp.transpose(a, batch_axes + axes)
-    return a.reshape((*a.shape[: len(batch_axes)], -1))
-
-
-def _per_slice(t: jax.Array | None, axes: tuple[int, ...]) -> jax.Array | None:
-    """A canonical temperature (scalar or keepdims shape) as ``[batch..., 1]``."""
-    if t is None or t.ndim == 0:
-        return t
-    return jnp.squeeze(t, axes)[..., None]
 
 
 # --------------------------------------------------------------------------
@@ -143,9 +132,7 @@ def sample(
     """
     name = "sample"
     x, _ = as_real_array(name, logits, "logits")
-    axes = ordered_axes(name, axis, x.ndim)
-    sorted_axes = tuple(sorted(axes))
-    batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
+    axes, sorted_axes, batch_axes = class_layout(name, axis, x.ndim)
     batch = reduced_shape(x.shape, sorted_axes)
     mask = broadcast_mask(name, where, x.shape)
     t = canonicalize_temperature(name, temperature, x.shape, sorted_axes, x.dtype)
@@ -170,10 +157,10 @@ def sample(
                 f"{name}: top_p of shape {p.shape} does not broadcast to the batch shape "
                 f"{batch}; pass a scalar or one value per slice"
             ) from err
-    x = _to_last(x, batch_axes, axes)
+    x = classes_last(x, batch_axes, axes)
     if mask is not None:
-        mask = _to_last(mask, batch_axes, axes)
-    return _sample_jit(key, x, mask, _per_slice(t, sorted_axes), top_k, p)
+        mask = classes_last(mask, batch_axes, axes)
+    return _sample_jit(key, x, mask, temperature_per_row(t, sorted_axes), top_k, p)
 
 
 # --------------------------------------------------------------------------
@@ -247,18 +234,16 @@ def gumbel_softmax(
     """
     name = "gumbel_softmax"
     x, out_dtype = as_real_array(name, logits, "logits")
-    axes = ordered_axes(name, axis, x.ndim)
-    sorted_axes = tuple(sorted(axes))
-    batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
+    axes, sorted_axes, batch_axes = class_layout(name, axis, x.ndim)
     mask = broadcast_mask(name, where, x.shape)
     t = canonicalize_temperature(name, temperature, x.shape, sorted_axes, x.dtype)
     if not isinstance(hard, (bool, np.bool_)):
         raise TypeError(f"{name}: hard must be a Python bool (static); got {hard!r}")
     shape = x.shape
-    flat = _to_last(x, batch_axes, axes)
+    flat = classes_last(x, batch_axes, axes)
     if mask is not None:
-        mask = _to_last(mask, batch_axes, axes)
-    y = _gumbel_softmax_jit(key, flat, mask, _per_slice(t, sorted_axes), bool(hard))
+        mask = classes_last(mask, batch_axes, axes)
+    y = _gumbel_softmax_jit(key, flat, mask, temperature_per_row(t, sorted_axes), bool(hard))
     # Back to the input layout.
     perm = batch_axes + axes
     y = y.reshape(tuple(shape[i] for i in perm))
