@@ -148,6 +148,17 @@ class _Reduction(tuple):
         return _Reduction, (tuple(self), self.axis_name)
 
 
+def _canonical_args(name, x, axis, where, temperature, arg="x"):
+    """The checks every public function starts with: ``(array in the compute
+    dtype, output dtype, sorted axes, boolean mask or None, temperature or
+    None)``."""
+    arr, out_dtype = as_real_array(name, x, arg)
+    axes = canonicalize_axes(name, axis, arr.ndim)
+    mask = broadcast_mask(name, where, arr.shape)
+    t = canonicalize_temperature(name, temperature, arr.shape, axes, arr.dtype)
+    return arr, out_dtype, axes, mask, t
+
+
 def _reduction(axes, axis_name):
     """``axes`` as they are, or with the mesh axis ``axis_name`` added."""
     return axes if axis_name is None else _Reduction(axes, axis_name)
@@ -335,10 +346,7 @@ def softmax(
       >>> jsoftmax.softmax(jnp.array([1.0, 1.0, 0.0]), temperature=0.0)
       Array([0.5, 0.5, 0. ], dtype=float32)
     """
-    arr, out_dtype = as_real_array("softmax", x)
-    axes = canonicalize_axes("softmax", axis, arr.ndim)
-    mask = broadcast_mask("softmax", where, arr.shape)
-    t = canonicalize_temperature("softmax", temperature, arr.shape, axes, arr.dtype)
+    arr, out_dtype, axes, mask, t = _canonical_args("softmax", x, axis, where, temperature)
     return _softmax_jit(_reduction(axes, axis_name), arr, t, mask).astype(out_dtype)
 
 
@@ -463,10 +471,7 @@ def log_softmax(
       >>> jsoftmax.log_softmax(jnp.array([10.0, 2.0, 10000.0, 4.0]))
       Array([-9990., -9998.,     0., -9996.], dtype=float32)
     """
-    arr, out_dtype = as_real_array("log_softmax", x)
-    axes = canonicalize_axes("log_softmax", axis, arr.ndim)
-    mask = broadcast_mask("log_softmax", where, arr.shape)
-    t = canonicalize_temperature("log_softmax", temperature, arr.shape, axes, arr.dtype)
+    arr, out_dtype, axes, mask, t = _canonical_args("log_softmax", x, axis, where, temperature)
     return _log_softmax_jit(_reduction(axes, axis_name), arr, t, mask).astype(out_dtype)
 
 
@@ -617,10 +622,7 @@ def logsumexp(
       >>> jsoftmax.logsumexp(jnp.array([1.0, 3.0, 2.0]), temperature=0.0)
       Array(3., dtype=float32)
     """
-    arr, out_dtype = as_real_array("logsumexp", a, "a")
-    axes = canonicalize_axes("logsumexp", axis, arr.ndim)
-    mask = broadcast_mask("logsumexp", where, arr.shape)
-    t = canonicalize_temperature("logsumexp", temperature, arr.shape, axes, arr.dtype)
+    arr, out_dtype, axes, mask, t = _canonical_args("logsumexp", a, axis, where, temperature, "a")
     weights = None
     if b is not None:
         weights, _ = as_real_array("logsumexp", b, "b")
