@@ -16,6 +16,8 @@ batch (see the README for the measured comparison with optax).
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +35,7 @@ from jsoftmax._checks import (
     is_traced,
     temperature_per_row,
 )
-from jsoftmax.core import AxisName, log_softmax, logsumexp
+from jsoftmax.core import AxisName, _nan_if_inf, _plain_logits, _sum, log_softmax, logsumexp
 
 __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
 
@@ -82,7 +84,67 @@ def _psum(x, axis_name):
 # --------------------------------------------------------------------------
 
 
+def _plain_dense_parts(axes, x):
+    """``(y, log_total, nonempty, included)`` for the fast dense loss.
+
+    ``y`` are the select-free logits of ``core._plain_logits`` (excluded
+    classes at -inf); ``log_total`` is the log of the slice total (0 for a
+    slice with nothing included, NaN for one with a NaN); ``nonempty`` is 1.0
+    per slice, or 0.0 for a slice with nothing included (its total is 0, any
+    other total is at least 1); ``included`` is 1.0 / 0.0 per class.
+    """
+    y, _ = _plain_logits(axes, x)
+    total = _sum(jnp.exp(y), axes)
+    log_total = jnp.log(jnp.maximum(total, 1.0)) + _nan_if_inf(total)
+    # A finite y is at least -2 * big, so y * tiny lies in [-8, 0]; -inf stays
+    # -inf (as in core._plain_log_softmax_tangent).
+    included = jnp.minimum(jnp.maximum(y * jnp.finfo(y.dtype).tiny, -9.0) + 9.0, 1.0)
+    return y, log_total, jnp.minimum(total, 1.0), included
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _plain_dense_cross_entropy(axes, x, labels):
+    """The loss for t = 1, no mask, no smoothing, one device.
+
+    loss = sum_j l_j (log_total - y_j). XLA:CPU fuses the max, the normaliser
+    and this sum into one kernel as long as no compare or select appears per
+    element or on the slice totals, so the edges are arithmetic: a class with
+    y = -inf costs l_j (log_total + big) + 2 big [l_j > 0] (0 for a zero
+    label, +inf for a positive one), and the labels of a slice with nothing
+    included are multiplied by ``nonempty`` = 0.
+    """
+    y, log_total, nonempty, included = _plain_dense_parts(axes, x)
+    big = jnp.finfo(y.dtype).max
+    labels = labels * nonempty
+    # 1 where a positive label (at least the smallest normal number) sits on
+    # an excluded class, else 0.
+    impossible = jnp.minimum(labels * (1.0 - included) / jnp.finfo(y.dtype).tiny, 1.0)
+    terms = labels * (log_total - jnp.maximum(y, -big)) + impossible * big + impossible * big
+    return jnp.sum(terms, axes)
+
+
+@_plain_dense_cross_entropy.defjvp
+def _plain_dense_cross_entropy_jvp(axes, primals, tangents):
+    x, labels = primals
+    dx, dlabels = tangents
+    loss = _plain_dense_cross_entropy(axes, x, labels)
+
+    def tangent(x, labels, dx, dlabels):
+        # d loss = sum_j (L p_j - l_j) dx_j + sum_j (log_total - y_j) dl_j over
+        # the included classes (L their label mass); 0 on excluded ones.
+        y, log_total, _, included = _plain_dense_parts(axes, x)
+        kept = labels * included
+        probs = jnp.exp(y - log_total)
+        out = jnp.sum((_sum(kept, axes) * probs - kept) * dx, axes)
+        neg_log_probs = (log_total - jnp.maximum(y, -jnp.finfo(y.dtype).max)) * included
+        return out + jnp.sum(neg_log_probs * dlabels, axes)
+
+    return loss, jax.checkpoint(tangent, prevent_cse=False)(x, labels, dx, dlabels)
+
+
 def _dense_cross_entropy(axes, x, labels, mask, t, alpha, axis_name):
+    if t is None and mask is None and alpha is None and axis_name is None:
+        return _plain_dense_cross_entropy(axes, x, labels)
     log_probs = log_softmax(
         x, axes, mask, temperature=1.0 if t is None else t, axis_name=axis_name
     )

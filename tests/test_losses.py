@@ -144,6 +144,53 @@ def test_dense_labels_match_reference_at_every_edge(t, alpha):
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-6)
 
 
+def _dense_edge_batch():
+    """The edge batch with one-hot labels (a soft one in row 3), no mask."""
+    x, labels, _ = _edge_batch()
+    valid = (labels >= 0) & (labels < 5)
+    onehot = np.eye(5, dtype=np.float32)[np.where(valid, labels, 0)] * valid[:, None]
+    onehot[3] = [0.5, 0.0, 0.25, 0.25, 0.0]
+    return x, onehot
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_dense_fast_path_matches_reference_at_every_edge(jit):
+    # No mask, t = 1, no smoothing: the select-free fast path. Rows cover a
+    # -inf logit with label 0 and with label 1, a row of -inf, +inf logits
+    # with the label on and off them, and a NaN.
+    x, onehot = _dense_edge_batch()
+    f = jax.jit(dense_ce) if jit else dense_ce
+    got = np.asarray(f(x, onehot))
+    n = len(x)
+    want = _reference_dense(x, onehot, np.ones(x.shape, bool), np.ones(n), 0.0)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    assert np.isposinf(got[5]) and np.isnan(got[12]) and got[6] == 0.0
+
+
+def test_dense_fast_path_gradients_match_the_general_path():
+    # where=all True takes the general (select-based) path: an independent
+    # implementation of the same gradients, in the logits and in the labels.
+    x, onehot = _dense_edge_batch()
+    full = np.ones(x.shape, bool)
+
+    def grads(**kw):
+        g = jax.grad(lambda x, y: jnp.sum(dense_ce(x, y, **kw)), (0, 1))(x, onehot)
+        return [np.asarray(v) for v in g]
+
+    fast, general = grads(), grads(where=full)
+    for a, b in zip(fast, general, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert np.isfinite(fast[0][[4, 5, 6, 10, 11]]).all()
+
+
+def test_dense_fast_path_second_derivatives(x64):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 5))
+    y = rng.dirichlet(np.ones(5), size=3)
+    check_grads(lambda x, y: dense_ce(x, y), (x, y), order=2, modes=["fwd", "rev"],
+                atol=1e-6, rtol=1e-6)
+
+
 def test_edge_values_spelled_out():
     x = jnp.array([[0.0, -INF], [0.0, -INF], [-INF, -INF], [1.0, 2.0]])
     labels = jnp.array([0, 1, 0, 7])
