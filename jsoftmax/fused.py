@@ -395,7 +395,10 @@ def fused_linear_cross_entropy(
     outside ``[0, V)`` on an included example gives NaN, never a silently
     wrong number (and, as in the unfused loss, zero gradient). bfloat16 / float16 inputs go into the
     matmuls as they are, with float32 accumulation and a float32 logsumexp;
-    the loss is returned in the inputs' dtype.
+    the loss is returned in the inputs' dtype. The matmuls use JAX's default
+    matmul precision: on recent NVIDIA GPUs float32 inputs are multiplied in
+    TF32 unless ``jax.default_matmul_precision("highest")`` is set (as for
+    ``hidden @ weight`` in the unfused loss).
 
     Args:
       hidden: [N, D] activations (or [..., D]; leading axes are the batch).
