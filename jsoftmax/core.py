@@ -397,8 +397,8 @@ def _plain_log_softmax_tangent(axes, y, log_total, dx):
         small = _sum((q * unnormalized) * dx, axes)  # first here, added last in reverse
         moment = _sum(unnormalized * dx, axes)
         # 1 where y is finite, 0 where y = -inf, without a select (which XLA's
-        # fused CPU kernel rejects): a finite y is at least -2 * max, so
-        # y * tiny lies in [-8, 0], while -inf stays -inf and is clipped to -9.
+        # fused CPU kernel rejects): a finite y is at least -max, so
+        # y * tiny lies in [-4, 0], while -inf stays -inf and is clipped to -9.
         tiny = jnp.finfo(y.dtype).tiny
         included = jnp.minimum(jnp.maximum(y * tiny, -9.0) + 9.0, 1.0)
         return ((dx - moment) + small) * included

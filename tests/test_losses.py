@@ -191,6 +191,46 @@ def test_dense_fast_path_second_derivatives(x64):
                 atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("x, y", [
+    # A slice total of exactly 1 (one class; a max that dominates by more than
+    # the float64 exp range of 1 + tiny), where a kink in max(total, 1) once
+    # halved the second derivatives.
+    ([[2.0], [0.5]], [[1.0], [0.7]]),
+    ([[0.0, -40.0, -50.0], [1.0, 2.0, -45.0]], [[1.0, 0.0, 0.0], [0.3, 0.7, 0.0]]),
+])
+def test_dense_fast_path_hessians_match_the_general_path(x64, x, y):
+    x, y = np.asarray(x), np.asarray(y)
+    full = np.ones(x.shape, bool)
+
+    def hessians(**kw):
+        loss = lambda x, y: jnp.sum(dense_ce(x, y, **kw))
+        return [np.asarray(h) for h in (
+            jax.hessian(loss)(x, y), jax.jacfwd(jax.grad(loss, 1), 0)(x, y),
+            jax.jacrev(jax.grad(loss, 0), 1)(x, y))]
+
+    for a, b in zip(hessians(), hessians(where=full), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_dense_fast_path_small_losses_are_accurate_to_an_ulp_of_one():
+    # Confident float32 rows: the loss is log1p(sum below the max), 1e-7..1e-2.
+    # The fast path sums once (as optax does), so its error is absolute: about
+    # an ulp of 1 (the general path, with a mask, keeps relative accuracy).
+    rng = np.random.default_rng(5)
+    margins = np.linspace(5.0, 16.0, 64)
+    x = np.zeros((64, 6), np.float32)
+    x[:, 1:] = -margins[:, None] - rng.uniform(0, 3, size=(64, 5))
+    labels = np.zeros((64, 6), np.float32)
+    labels[:, 0] = 1.0
+    d = x.astype(np.float64)[:, 1:]
+    want = np.log1p(np.exp(d).sum(axis=1))  # the max is x[:, 0] = 0
+    eps = 2.0**-23
+    fast = np.asarray(dense_ce(x, labels), np.float64)
+    assert np.max(np.abs(fast - want)) <= 2.0 * eps  # measured 1.7 eps
+    general = np.asarray(dense_ce(x, labels, where=np.ones(x.shape, bool)), np.float64)
+    np.testing.assert_allclose(general, want, rtol=4 * eps)
+
+
 def test_edge_values_spelled_out():
     x = jnp.array([[0.0, -INF], [0.0, -INF], [-INF, -INF], [1.0, 2.0]])
     labels = jnp.array([0, 1, 0, 7])
