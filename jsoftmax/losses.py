@@ -338,12 +338,16 @@ def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced, axis_nam
     else:
         t_arg = None
     if alpha is None and (t is None or not limits):
-        # x - x_y, except where x equals the label's logit: 0 there, which is
-        # the same for a finite x_y and for x_y = +inf gives the limit's 0 /
-        # -inf indicator with no per-example flag for the backward pass to
-        # keep. (x_y = -inf: -inf there, so that a row of -inf stays empty.)
+        # x - x_y for a finite x_y (differentiable in both, ties included: all
+        # logits equal, as at a zero initialisation, is a tie with the label).
+        # For an infinite x_y a constant: 0 where x equals it and x - x_y
+        # elsewhere, which for x_y = +inf is the limit's 0 / -inf indicator and
+        # for x_y = -inf keeps a row of -inf empty. The select is per example
+        # and the constant carries no derivative, so the backward pass keeps
+        # no [batch, classes] array.
         at_label = jnp.where(x_y == -_INF, -_INF, 0.0)
-        z = jnp.where(x == x_y, at_label, x - x_y)
+        limit = lax.stop_gradient(jnp.where(x == x_y, at_label, x - x_y))
+        z = jnp.where(jnp.isfinite(x_y), x - shift, limit)
     else:
         z = jnp.where(special, z_special, z)
     lse = logsumexp(

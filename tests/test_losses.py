@@ -283,6 +283,22 @@ def test_gradients_in_logits_and_temperature(x64, alpha):
         )
 
 
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.5}, {"label_smoothing": 0.1},
+                                {"where": np.ones((3, 4), bool)}])
+def test_integer_gradient_at_ties_with_the_label(kw):
+    # All logits equal (a zero-initialised output layer) and a tie between
+    # the label and another class: the gradient is softmax - onehot there too.
+    # (It once came out 0 on the entries tied with the label.)
+    x = jnp.array([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, -2.0], [3.0, 0.5, 3.0, 3.0]])
+    labels = jnp.array([2, 0, 3])
+    t = kw.get("temperature", 1.0)
+    a = kw.get("label_smoothing", 0.0)
+    got = jax.grad(lambda x: jnp.sum(integer_ce(x, labels, **kw)))(x)
+    target = optax.smooth_labels(jax.nn.one_hot(labels, 4), a)
+    want = (jax.nn.softmax(np.asarray(x, np.float64) / t) - target) / t
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_temperature_gradient_matches_optax_on_scaled_logits(x64):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(4, 6)))
