@@ -212,16 +212,22 @@ def _plain_logits(axes, x, exclude=True):
     entry lands at or below -big / 2 (exp gives 0); ``exclude`` then sends those
     entries to -inf by a factor 4. Elsewhere y = x - max exactly.
     """
-    big = jnp.finfo(x.dtype).max
     # Everything downstream is invariant to the shift, so it carries no
     # derivative (differentiating the fast JVP twice would otherwise need one
     # of max and, across devices, of pmax, which has none).
     x_max = _max(lax.stop_gradient(x), axes)
+    return _plain_logits_given_max(x, x_max, exclude), x_max
+
+
+def _plain_logits_given_max(x, x_max, exclude=True):
+    """The logits of ``_plain_logits`` for entries ``x`` of slices whose max is
+    ``x_max`` (broadcastable: also one entry per slice, e.g. a label's)."""
+    big = jnp.finfo(x.dtype).max
     finite_max = big / jnp.maximum(x_max, big)  # 0 where the max is +inf, else 1
     # Two mins, not min(max(..)): XLA would make a clamp, which its fusion rejects.
     shift = -jnp.minimum(-jnp.minimum(x_max, big), big)
     y = jnp.minimum(x * (0.5 + 0.5 * finite_max), big) - shift
-    return (y * (4.0 - 3.0 * finite_max) if exclude else y), x_max
+    return y * (4.0 - 3.0 * finite_max) if exclude else y
 
 
 def _plain_softmax_parts(axes, x):

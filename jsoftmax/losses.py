@@ -39,6 +39,8 @@ from jsoftmax.core import (
     AxisName,
     _nan_if_inf,
     _plain_logits,
+    _plain_logits_given_max,
+    _plain_softmax_parts,
     _sum,
     log_softmax,
     logsumexp,
@@ -91,6 +93,16 @@ def _psum(x, axis_name):
 # --------------------------------------------------------------------------
 
 
+def _tie_free_log_total(total):
+    """log of a slice total (which is 0, or at least 1): log 1 = 0 for 0 and
+    NaN for an infinite total (a NaN in the slice, see ``core._nan_if_inf``).
+    The 1 added to an empty slice carries no derivative: max(total, 1) would
+    have a kink at a total of exactly 1 (one class, or a dominating max),
+    which halves the derivatives taken through it."""
+    empty = 1.0 - lax.stop_gradient(jnp.minimum(total, 1.0))
+    return jnp.log(total + empty) + _nan_if_inf(total)
+
+
 def _plain_dense_parts(axes, x):
     """``(y, log_total, nonempty, included)`` for the fast dense loss.
 
@@ -110,7 +122,7 @@ def _plain_dense_parts(axes, x):
     y, _ = _plain_logits(axes, x)
     total = _sum(jnp.exp(y), axes)
     nonempty = lax.stop_gradient(jnp.minimum(total, 1.0))
-    log_total = jnp.log(total + (1.0 - nonempty)) + _nan_if_inf(total)
+    log_total = _tie_free_log_total(total)
     # A finite y is at least -big, so y * tiny lies in [-4, 0]; -inf stays
     # -inf (as in core._plain_log_softmax_tangent).
     included = jnp.minimum(jnp.maximum(y * jnp.finfo(y.dtype).tiny, -9.0) + 9.0, 1.0)
@@ -275,7 +287,54 @@ def softmax_cross_entropy(
 # --------------------------------------------------------------------------
 
 
-def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced, axis_name):
+def _plain_integer_parts(x, labels):
+    """``(log_total, x_max, total)`` per example (keepdims) over the
+    select-free logits of ``core._plain_logits``."""
+    _, _, x_max, total = _plain_softmax_parts((x.ndim - 1,), x)
+    return _tie_free_log_total(total), x_max, total
+
+
+def _label_logit(x, labels):
+    """``(x_y, valid)``: the label's logit (that of class 0 where the label is
+    out of range) and whether the label is in range, keepdims."""
+    valid = ((labels >= 0) & (labels < x.shape[-1]))[..., None]
+    return jnp.take_along_axis(x, jnp.where(valid, labels[..., None], 0), axis=-1), valid
+
+
+@jax.custom_jvp
+def _plain_integer_cross_entropy(x, labels):
+    """The loss for t = 1, no mask, no smoothing, one device, when it is not
+    differentiated: log_total - y_label per example, with y_label the label's
+    select-free logit. XLA:CPU fuses the max and the normaliser into one
+    kernel and the label's logit is gathered once; the rest is per example,
+    with no [batch, classes] temporary. Same limits as the general path: +inf
+    for a label on an excluded class, log k for a label on one of k logits of
+    +inf, 0 for an example with nothing included, NaN for a label out of
+    range.
+
+    Differentiated, it is the general path (values and derivatives): a
+    gradient written for this form measured 1.7x optax's time in float32,
+    against 1.0-1.3x for the general path's.
+    """
+    log_total, x_max, total = _plain_integer_parts(x, labels)
+    x_y, valid = _label_logit(x, labels)
+    loss = log_total - _plain_logits_given_max(x_y, x_max)
+    loss = jnp.where(total == 0, 0.0, jnp.where(valid, loss, jnp.nan))
+    return loss[..., 0]
+
+
+@_plain_integer_cross_entropy.defjvp
+def _plain_integer_cross_entropy_jvp(primals, tangents):
+    x, labels = primals
+    dx, _ = tangents
+
+    def general(x):
+        return _integer_cross_entropy(x, labels, None, None, None, False, False, None, False)
+
+    return jax.jvp(general, (x,), (dx,))
+
+
+def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced, axis_name, fast=True):
     """The loss on flattened inputs: classes on the last axis, keepdims.
 
     The cross-entropy of a label y is ``lse_t(x - x_y) / t``: one masked
@@ -290,6 +349,8 @@ def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced, axis_nam
     are global, the shard holding a label's class contributes its logit (and
     mask bit) through a psum, and every sum and logsumexp spans the shards.
     """
+    if fast and t is None and mask is None and alpha is None and axis_name is None:
+        return _plain_integer_cross_entropy(x, labels)
     num_classes = x.shape[-1]
     valid = ((labels >= 0) & (labels < num_classes))[..., None]
     here = valid  # whether this shard holds the label's class

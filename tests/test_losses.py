@@ -167,6 +167,53 @@ def test_dense_fast_path_matches_reference_at_every_edge(jit):
     assert np.isposinf(got[5]) and np.isnan(got[12]) and got[6] == 0.0
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_integer_fast_path_matches_reference_at_every_edge(jit):
+    # No mask, t = 1, no smoothing: the fast path. The edge batch's rows: a
+    # -inf logit, the label's logit -inf, a row of -inf, the label on +inf,
+    # two +inf off the label, a NaN, labels out of range, a three-way tie.
+    x, labels, _ = _edge_batch()
+    f = jax.jit(integer_ce) if jit else integer_ce
+    got = np.asarray(f(x, labels))
+    n = len(x)
+    want = _reference_integer(x, labels, np.ones(x.shape, bool), np.ones(n), 0.0)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    assert np.isposinf(got[5]) and got[6] == 0.0 and np.isnan(got[[12, 13, 14]]).all()
+
+
+def test_integer_fast_path_gradients_match_the_general_path():
+    x, labels, _ = _edge_batch()
+    full = np.ones(x.shape, bool)
+    weights = np.where(np.isin(np.arange(len(x)), [12, 13, 14]), 0.0, 1.0)
+
+    def grad(**kw):
+        return np.asarray(jax.grad(
+            lambda x: jnp.sum(weights * integer_ce(x, labels, **kw)))(x))
+
+    fast, general = grad(), grad(where=full)
+    np.testing.assert_allclose(fast, general, rtol=1e-5, atol=1e-7)
+    # Constant limits (label on -inf or +inf, a row of -inf, labels out of
+    # range) have zero gradient; only the NaN row (12) is NaN, on both paths.
+    assert (fast[[5, 6, 10, 13, 14]] == 0).all()
+    assert np.isfinite(np.delete(fast, 12, axis=0)).all()
+
+
+@pytest.mark.parametrize("x, y", [
+    ([[2.0], [0.5]], [0, 0]),
+    ([[0.0, -40.0, -50.0], [1.0, 2.0, -45.0], [1.0, 1.0, 1.0]], [0, 1, 2]),
+])
+def test_integer_fast_path_hessians_match_the_general_path(x64, x, y):
+    x, y = np.asarray(x), np.asarray(y)
+    full = np.ones(x.shape, bool)
+
+    def hessian(**kw):
+        return np.asarray(jax.hessian(lambda x: jnp.sum(integer_ce(x, y, **kw)))(x))
+
+    np.testing.assert_allclose(hessian(), hessian(where=full), rtol=1e-9, atol=1e-12)
+    check_grads(lambda x: integer_ce(x, y), (x,), order=2, modes=["fwd", "rev"],
+                atol=1e-6, rtol=1e-6)
+
+
 def test_dense_fast_path_gradients_match_the_general_path():
     # where=all True takes the general (select-based) path: an independent
     # implementation of the same gradients, in the logits and in the labels.
