@@ -70,7 +70,13 @@ def _shifted_logits(axes, x, t, mask, keep=None):
     # At t = inf every included entry is 0; diff * 0 keeps NaN entries NaN.
     y = jnp.where(t == _INF, jnp.where(diff == -_INF, -_INF, diff * 0.0), diff / t)
     y = jnp.where(x_max == _INF, -_INF, y)
-    y = jnp.where((x == x_max) & (x_max > -_INF), 0.0, y)
+    # The maxima are exactly 0 (0 / 0 at t = 0). For 0 < t < inf that value
+    # is also diff / t; y - stop_gradient(y) keeps its derivative, which the
+    # weighted logsumexp differentiates through these operations (a constant
+    # 0 there made its second derivatives vanish at ties).
+    moving = (t > 0) & (t < _INF) & (x_max < _INF)
+    at_top = jnp.where(moving, y - lax.stop_gradient(y), 0.0)
+    y = jnp.where((x == x_max) & (x_max > -_INF), at_top, y)
     # Added rather than selected: XLA:CPU (jax 0.10.2) returns garbage for exp
     # of a select whose other branch is a NaN constant.
     y = y + jnp.where(t >= 0, 0.0, jnp.nan)

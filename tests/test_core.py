@@ -616,3 +616,21 @@ def test_float64_numpy_input_without_x64_is_quiet():
         lse = jsoftmax.logsumexp(np.array([1.0, 2.0]), b=np.array([1.0, 1.0]))
     assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
     np.testing.assert_allclose(out, ref_softmax(np.array([1.0, 2.0])), rtol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1.0, 0.5, 3.0])
+def test_weighted_logsumexp_hessian_at_ties(x64, t):
+    # All entries equal (a tie at the max): the Hessian of t * lse(x / t, b)
+    # is (diag(p) - p p^T) / t with p = b / sum(b). It once vanished for t != 1
+    # because the tied maxima were a constant 0 in the shifted logits.
+    x = np.zeros(3)
+    b = np.array([1.0, 2.0, 5.0])
+    p = b / b.sum()
+    want = (np.diag(p) - np.outer(p, p)) / t
+    got = jax.hessian(lambda x: jsoftmax.logsumexp(x, b=b, temperature=t))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+    # And a tie between two of three entries, against jax.nn on x / t.
+    x = np.array([1.0, 1.0, -0.5])
+    ref = jax.hessian(lambda x: t * jax.nn.logsumexp(x / t, b=b))(x)
+    np.testing.assert_allclose(jax.hessian(lambda x: jsoftmax.logsumexp(x, b=b, temperature=t))(x),
+                               ref, rtol=1e-10, atol=1e-14)
