@@ -93,40 +93,38 @@ def _psum(x, axis_name):
 # --------------------------------------------------------------------------
 
 
-def _tie_free_log_total(total):
-    """log of a slice total (which is 0, or at least 1): log 1 = 0 for 0 and
-    NaN for an infinite total (a NaN in the slice, see ``core._nan_if_inf``).
-    The 1 added to an empty slice carries no derivative: max(total, 1) would
-    have a kink at a total of exactly 1 (one class, or a dominating max),
-    which halves the derivatives taken through it."""
-    empty = 1.0 - lax.stop_gradient(jnp.minimum(total, 1.0))
-    return jnp.log(total + empty) + _nan_if_inf(total)
+def _log_normaliser(total):
+    """``(log_total, nonempty)`` for a slice total that is 0 (nothing
+    included) or at least 1: log_total is log 1 = 0 for an empty slice and NaN
+    for an infinite total (a NaN in the slice, see ``core._nan_if_inf``);
+    nonempty is 0.0 / 1.0 and carries no derivative, nor does the 1 added to
+    an empty slice: max(total, 1) would have a kink at a total of exactly 1
+    (one class, or a dominating max), which halves derivatives through it."""
+    nonempty = lax.stop_gradient(jnp.minimum(total, 1.0))
+    return jnp.log(total + (1.0 - nonempty)) + _nan_if_inf(total), nonempty
 
 
 def _plain_dense_parts(axes, x):
-    """``(y, log_total, nonempty, included)`` for the fast dense loss.
+    """``(y, surprisal, nonempty, included)`` for the fast dense loss.
 
     ``y`` are the select-free logits of ``core._plain_logits`` (excluded
-    classes at -inf); ``log_total`` is the log of the slice total (0 for a
-    slice with nothing included, NaN for one with a NaN); ``nonempty`` is 1.0
-    per slice, or 0.0 for a slice with nothing included (its total is 0, any
-    other total is at least 1); ``included`` is 1.0 / 0.0 per class.
+    classes at -inf); ``surprisal`` is -log softmax = log_total - y with y
+    clamped at -big, so that it is finite on excluded classes (their labels
+    are handled by the caller); ``nonempty`` is 1.0 per slice, or 0.0 for a
+    slice with nothing included; ``included`` is 1.0 / 0.0 per class.
 
     One sum, as in optax: log_total is accurate to an ulp or two of 1, not
     relative to a total of 1 + tiny, so a loss below about 1e-6 (float32) is
     accurate in absolute, not relative, terms. (The split at the maximum that
     log_softmax uses needs a second sum, which cost 1.1-2.7x more here.)
-    The clipping constants carry no derivative, so that the kink of
-    max(total, 1) at a total of exactly 1 does not reach second derivatives.
     """
     y, _ = _plain_logits(axes, x)
-    total = _sum(jnp.exp(y), axes)
-    nonempty = lax.stop_gradient(jnp.minimum(total, 1.0))
-    log_total = _tie_free_log_total(total)
+    log_total, nonempty = _log_normaliser(_sum(jnp.exp(y), axes))
+    surprisal = log_total - jnp.maximum(y, -jnp.finfo(y.dtype).max)
     # A finite y is at least -big, so y * tiny lies in [-4, 0]; -inf stays
     # -inf (as in core._plain_log_softmax_tangent).
     included = jnp.minimum(jnp.maximum(y * jnp.finfo(y.dtype).tiny, -9.0) + 9.0, 1.0)
-    return y, log_total, nonempty, included
+    return y, surprisal, nonempty, included
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -142,13 +140,13 @@ def _plain_dense_cross_entropy(axes, x, labels):
     are multiplied by ``nonempty`` = 0. Labels must be finite: an infinite or
     NaN label gives NaN here.
     """
-    y, log_total, nonempty, included = _plain_dense_parts(axes, x)
-    big = jnp.finfo(y.dtype).max
+    _, surprisal, nonempty, included = _plain_dense_parts(axes, x)
+    big = jnp.finfo(surprisal.dtype).max
     labels = labels * nonempty
     # min(l / tiny, 1) on excluded classes: 1 for a label of at least the
     # smallest normal number, 0 for a zero label.
-    impossible = jnp.minimum(labels * (1.0 - included) / jnp.finfo(y.dtype).tiny, 1.0)
-    terms = labels * (log_total - jnp.maximum(y, -big)) + impossible * big + impossible * big
+    impossible = jnp.minimum(labels * (1.0 - included) / jnp.finfo(surprisal.dtype).tiny, 1.0)
+    terms = labels * surprisal + impossible * big + impossible * big
     return jnp.sum(terms, axes)
 
 
@@ -161,12 +159,11 @@ def _plain_dense_cross_entropy_jvp(axes, primals, tangents):
     def tangent(x, labels, dx, dlabels):
         # d loss = sum_j (L p_j - l_j) dx_j + sum_j (log_total - y_j) dl_j over
         # the included classes (L their label mass); 0 on excluded ones.
-        y, log_total, _, included = _plain_dense_parts(axes, x)
+        _, surprisal, _, included = _plain_dense_parts(axes, x)
         kept = labels * included
-        probs = jnp.exp(y - log_total)
+        probs = jnp.exp(-surprisal)  # 0 on excluded classes (exp(-big - log_total))
         out = jnp.sum((_sum(kept, axes) * probs - kept) * dx, axes)
-        neg_log_probs = (log_total - jnp.maximum(y, -jnp.finfo(y.dtype).max)) * included
-        return out + jnp.sum(neg_log_probs * dlabels, axes)
+        return out + jnp.sum(surprisal * included * dlabels, axes)
 
     return loss, jax.checkpoint(tangent, prevent_cse=False)(x, labels, dx, dlabels)
 
@@ -287,13 +284,6 @@ def softmax_cross_entropy(
 # --------------------------------------------------------------------------
 
 
-def _plain_integer_parts(x, labels):
-    """``(log_total, x_max, total)`` per example (keepdims) over the
-    select-free logits of ``core._plain_logits``."""
-    _, _, x_max, total = _plain_softmax_parts((x.ndim - 1,), x)
-    return _tie_free_log_total(total), x_max, total
-
-
 def _label_logit(x, labels):
     """``(x_y, valid)``: the label's logit (that of class 0 where the label is
     out of range) and whether the label is in range, keepdims."""
@@ -316,7 +306,8 @@ def _plain_integer_cross_entropy(x, labels):
     gradient written for this form measured 1.7x optax's time in float32,
     against 1.0-1.3x for the general path's.
     """
-    log_total, x_max, total = _plain_integer_parts(x, labels)
+    _, _, x_max, total = _plain_softmax_parts((x.ndim - 1,), x)
+    log_total, _ = _log_normaliser(total)
     x_y, valid = _label_logit(x, labels)
     loss = log_total - _plain_logits_given_max(x_y, x_max)
     loss = jnp.where(total == 0, 0.0, jnp.where(valid, loss, jnp.nan))
