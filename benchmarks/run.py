@@ -199,10 +199,11 @@ def bench_case(pair: Pair, shape, dtype, mode, *, seconds, min_reps, max_reps, r
     ours, args = _programs(pair.ours, x, aux, kp, mode)
     ref, _ = _programs(pair.ref, x, aux, kp, mode)
     # Temporary memory is that of one copy: the programs users would run.
-    temp = {
-        "ours": _temp_bytes(jax.jit(ours).lower(*args).compile()),
-        "ref": _temp_bytes(jax.jit(ref).lower(*args).compile()),
+    single = {
+        "ours": jax.jit(ours).lower(*args).compile(),
+        "ref": jax.jit(ref).lower(*args).compile(),
     }
+    temp = {name: _temp_bytes(c) for name, c in single.items()}
     if copies > 1:
         arg_sets = [args] + [
             _programs(pair.ours, *_inputs(shape, dtype, pair.labels, seed=r), mode)[1]
@@ -211,11 +212,12 @@ def bench_case(pair: Pair, shape, dtype, mode, *, seconds, min_reps, max_reps, r
         args, floor_args = tuple(arg_sets), tuple((a[0],) for a in arg_sets)
     else:
         floor_args = (x,)
-    compiled = {
+    compiled = single if copies == 1 else {
         "ours": jax.jit(_copies(ours, copies)).lower(*args).compile(),
         "ref": jax.jit(_copies(ref, copies)).lower(*args).compile(),
-        "floor": jax.jit(_copies(jnp.exp, copies)).lower(*floor_args).compile(),
     }
+    compiled = {**compiled,
+                "floor": jax.jit(_copies(jnp.exp, copies)).lower(*floor_args).compile()}
     all_args = {"ours": args, "ref": args, "floor": floor_args}
     times, reps, calls = _time_interleaved(
         compiled, all_args, seconds=seconds, min_reps=min_reps, max_reps=max_reps, rng=rng)
