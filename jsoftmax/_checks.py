@@ -23,12 +23,26 @@ def is_traced(value: object) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
-def as_real_array(name: str, x: ArrayLike, arg: str = "x") -> tuple[jax.Array, jnp.dtype]:
+def compute_dtype(dtype) -> jnp.dtype:
+    """The dtype we compute in: float32 for float16 and bfloat16."""
+    return jnp.dtype(jnp.float32) if dtype in _LOW_PRECISION else jnp.dtype(dtype)
+
+
+def upcast(x: jax.Array) -> jax.Array:
+    """``x`` in the dtype we compute in (see :func:`compute_dtype`)."""
+    return x.astype(compute_dtype(x.dtype))
+
+
+def as_real_array(
+    name: str, x: ArrayLike, arg: str = "x", *, keep_low_precision: bool = False
+) -> tuple[jax.Array, jnp.dtype]:
     """Converts ``x`` to a JAX array of the dtype we compute in.
 
     Returns the array cast to the computation dtype and the dtype to return in:
     float16 and bfloat16 are computed in float32 and returned in their own
     dtype; integers promote to the default float dtype, as in ``jax.nn``.
+    With ``keep_low_precision`` float16 and bfloat16 arrays are returned as
+    they are, for a callee that calls :func:`upcast` itself.
     """
     dtype = getattr(x, "dtype", None)
     if dtype is None:
@@ -47,8 +61,8 @@ def as_real_array(name: str, x: ArrayLike, arg: str = "x") -> tuple[jax.Array, j
             f"{name}: {arg} has dtype {dtype}, which is not a real number type; "
             f"cast it first, e.g. {arg}.astype(jnp.float32)"
         )
-    compute_dtype = jnp.dtype(jnp.float32) if out_dtype in _LOW_PRECISION else out_dtype
-    return jnp.asarray(x).astype(compute_dtype), out_dtype
+    arr = jnp.asarray(x).astype(out_dtype)
+    return (arr if keep_low_precision else upcast(arr)), out_dtype
 
 
 def canonicalize_axes(name: str, axis: Axis, ndim: int) -> tuple[int, ...]:

@@ -28,6 +28,8 @@ from jsoftmax._checks import (
     broadcast_mask,
     canonicalize_axes,
     canonicalize_temperature,
+    compute_dtype,
+    upcast,
 )
 
 __all__ = ["log_softmax", "logsumexp", "softmax"]
@@ -57,6 +59,7 @@ def _shifted_logits(axes, x, t, mask, keep=None):
     ``keep`` (the nonzero weights of logsumexp) excludes entries from the max
     only; the caller drops them from the sum.
     """
+    x = upcast(x)
     if mask is not None:
         x = jnp.where(mask, x, -_INF)
     candidates = x if keep is None else jnp.where(keep, x, -_INF)
@@ -114,14 +117,14 @@ def _value(tangent):
     return None if isinstance(tangent, SymbolicZero) else tangent
 
 
-def _sum(v, axes):
-    out = jnp.sum(v, axis=axes, keepdims=True)
+def _sum(v, axes, keepdims=True):
+    out = jnp.sum(v, axis=axes, keepdims=keepdims)
     name = getattr(axes, "axis_name", None)
     return out if name is None else lax.psum(out, name)
 
 
-def _max(v, axes):
-    out = jnp.max(v, axis=axes, keepdims=True, initial=-_INF)
+def _max(v, axes, keepdims=True):
+    out = jnp.max(v, axis=axes, keepdims=keepdims, initial=-_INF)
     name = getattr(axes, "axis_name", None)
     return out if name is None else lax.pmax(out, name)
 
@@ -155,13 +158,17 @@ class _Reduction(tuple):
 
 
 def _canonical_args(name, x, axis, where, temperature, arg="x"):
-    """The checks every public function starts with: ``(array in the compute
-    dtype, output dtype, sorted axes, boolean mask or None, temperature or
-    None)``."""
-    arr, out_dtype = as_real_array(name, x, arg)
+    """The checks every public function starts with: ``(array, output dtype,
+    sorted axes, boolean mask or None, temperature or None)``.
+
+    float16 and bfloat16 arrays stay as they are: the computations upcast them
+    after taking the slice max in the input dtype (exact there), so that XLA
+    reads the input once per pass instead of keeping a float32 copy.
+    """
+    arr, out_dtype = as_real_array(name, x, arg, keep_low_precision=True)
     axes = canonicalize_axes(name, axis, arr.ndim)
     mask = broadcast_mask(name, where, arr.shape)
-    t = canonicalize_temperature(name, temperature, arr.shape, axes, arr.dtype)
+    t = canonicalize_temperature(name, temperature, arr.shape, axes, compute_dtype(arr.dtype))
     return arr, out_dtype, axes, mask, t
 
 
@@ -221,8 +228,9 @@ def _plain_logits(axes, x, exclude=True):
     # Everything downstream is invariant to the shift, so it carries no
     # derivative (differentiating the fast JVP twice would otherwise need one
     # of max and, across devices, of pmax, which has none).
-    x_max = _max(lax.stop_gradient(x), axes)
-    return _plain_logits_given_max(x, x_max, exclude), x_max
+    # The max is exact in any dtype; taken before the upcast (see _canonical_args).
+    x_max = upcast(_max(lax.stop_gradient(x), axes))
+    return _plain_logits_given_max(upcast(x), x_max, exclude), x_max
 
 
 def _plain_logits_given_max(x, x_max, exclude=True):
@@ -499,6 +507,7 @@ def _logsumexp_parts(axes, x, t, mask, b):
     if t is None and mask is None and b is None:
         return _plain_logsumexp_parts(axes, x)
     keep = None if b is None else b != 0
+    x = upcast(x)
     y, x_max = _shifted_logits(axes, x, t, mask, keep)
     # One plain sum: lse is dominated by x_max or by an O(1) log, so log1p buys
     # no accuracy here, and a single reduction lets XLA fuse the backward pass.
@@ -534,8 +543,29 @@ def _plain_logsumexp_parts(axes, x):
     return x_max + jnp.log(normalizer), jnp.sign(total), unnormalized / normalizer
 
 
+def _plain_logsumexp(axes, x):
+    """``(lse, sign)`` for t = 1, no mask and no weights, without derivatives.
+
+    The operations of ``jax.nn.logsumexp``: one max, one sum of exp(x - shift)
+    with the shift replaced by 0 on a slice whose max is not finite (a select
+    on the per-slice max, which XLA:CPU keeps out of the fused exp-and-sum
+    kernel). Every edge then follows from the arithmetic: a slice of -inf sums
+    to 0 (lse -inf, sign 0), an entry of +inf makes the sum +inf, and a NaN
+    makes it NaN (also next to a +inf, where the fast path's clamped logits
+    cannot tell them apart).
+    """
+    # Reduced without keepdims, as jax.nn does: XLA:CPU then keeps one per-slice
+    # temporary fewer.
+    x_max = upcast(_max(x, axes, keepdims=False))
+    shift = jnp.where(jnp.isfinite(x_max), x_max, 0.0)
+    total = _sum(jnp.exp(upcast(x) - jnp.expand_dims(shift, axes)), axes, keepdims=False)
+    return jnp.expand_dims(shift + jnp.log(total), axes), jnp.expand_dims(jnp.sign(total), axes)
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _logsumexp(axes, x, t, mask, b):
+    if t is None and mask is None and b is None:
+        return _plain_logsumexp(axes, x)
     lse, sign, _ = _logsumexp_parts(axes, x, t, mask, b)
     return lse, sign
 
@@ -544,9 +574,9 @@ def _logsumexp_jvp(axes, primals, tangents):
     x, t, mask, b = primals
     dx, dt, _, db = (_value(v) for v in tangents)
     if b is None:
+        # Through the custom rules (higher derivatives stay finite at the edges).
         lse, sign = _logsumexp(axes, x, t, mask, None)
-        weights = _softmax(axes, x, t, mask)
-        probs = weights
+        probs = weights = _softmax(axes, x, t, mask)
     else:
         # Second derivatives in b go through these primitive operations.
         lse, sign, weights = _logsumexp_parts(axes, x, t, mask, b)
@@ -639,14 +669,14 @@ def logsumexp(
     if b is not None:
         weights, _ = as_real_array("logsumexp", b, "b")
         try:
-            weights = jnp.broadcast_to(weights.astype(arr.dtype), arr.shape)
+            weights = jnp.broadcast_to(weights.astype(compute_dtype(arr.dtype)), arr.shape)
         except ValueError as err:
             raise ValueError(
                 f"logsumexp: b has shape {weights.shape}, which does not broadcast to a's "
                 f"shape {arr.shape}; give weights of a's shape"
             ) from err
     lse, sign = _logsumexp_jit(_reduction(axes, axis_name), arr, t, mask, weights)
-    if not return_sign:
+    if not return_sign and weights is not None:  # without b the sum is never negative
         lse = jnp.where(sign < 0, jnp.nan, lse)
     if not keepdims:
         lse, sign = jnp.squeeze(lse, axes), jnp.squeeze(sign, axes)

@@ -32,8 +32,10 @@ from jsoftmax._checks import (
     canonicalize_temperature,
     class_layout,
     classes_last,
+    compute_dtype,
     is_traced,
     temperature_per_row,
+    upcast,
 )
 from jsoftmax.core import (
     AxisName,
@@ -134,19 +136,21 @@ def _plain_dense_cross_entropy(axes, x, labels):
     loss = sum_j l_j (log_total - y_j). XLA:CPU fuses the max, the normaliser
     and this sum as long as no compare or select appears per element or on
     the slice totals, so the edges are arithmetic: on a class with y = -inf
-    the term is l_j (log_total + big) + 2 big * min(l_j / tiny, 1), which is
-    0 for a zero label and +inf for a positive one (-inf for a negative one,
-    as on the general path), and the labels of a slice with nothing included
-    are multiplied by ``nonempty`` = 0. Labels must be finite: an infinite or
-    NaN label gives NaN here.
+    the term is l_j (log_total + big) + l_j a / (1 - a) with
+    a = min(|l_j| / tiny, 1), which is 0 for a zero label and +inf for a
+    positive one (-inf for a negative one, as on the general path), and the
+    labels of a slice with nothing included are multiplied by ``nonempty`` =
+    0. Labels must be finite: an infinite or NaN label gives NaN here.
     """
     _, surprisal, nonempty, included = _plain_dense_parts(axes, x)
-    big = jnp.finfo(surprisal.dtype).max
     labels = labels * nonempty
-    # min(l / tiny, 1) on excluded classes: 1 for a label of at least the
-    # smallest normal number, 0 for a zero label.
-    impossible = jnp.minimum(labels * (1.0 - included) / jnp.finfo(surprisal.dtype).tiny, 1.0)
-    terms = labels * surprisal + impossible * big + impossible * big
+    # On excluded classes a = min(|l| / tiny, 1) is 1 for a label of at least
+    # the smallest normal number and 0 for a zero label; l * a / (1 - a) is
+    # then +-inf or 0. (Not a multiple of big: XLA:CPU materialises that
+    # constant as an input-sized array on long rows.)
+    tiny = jnp.finfo(surprisal.dtype).tiny
+    impossible = jnp.minimum(jnp.abs(labels) * (1.0 - included) / tiny, 1.0)
+    terms = labels * surprisal + labels * (impossible / (1.0 - impossible))
     return jnp.sum(terms, axes)
 
 
@@ -171,6 +175,7 @@ def _plain_dense_cross_entropy_jvp(axes, primals, tangents):
 def _dense_cross_entropy(axes, x, labels, mask, t, alpha, axis_name):
     if t is None and mask is None and alpha is None and axis_name is None:
         return _plain_dense_cross_entropy(axes, x, labels)
+    x = upcast(x)
     log_probs = log_softmax(
         x, axes, mask, temperature=1.0 if t is None else t, axis_name=axis_name
     )
@@ -258,7 +263,9 @@ def softmax_cross_entropy(
       Array(0., dtype=float32)
     """
     name = "softmax_cross_entropy"
-    x, out_dtype = as_real_array(name, logits, "logits")
+    # float16 / bfloat16 logits stay as they are (see core._canonical_args).
+    x, out_dtype = as_real_array(name, logits, "logits", keep_low_precision=True)
+    dtype = compute_dtype(x.dtype)
     y, label_dtype = as_real_array(name, labels, "labels")
     try:
         target = np.broadcast_shapes(y.shape, x.shape)
@@ -272,9 +279,9 @@ def softmax_cross_entropy(
         )
     axes = canonicalize_axes(name, axis, x.ndim)
     mask = _loss_mask(name, where, x.shape, axes)
-    t = canonicalize_temperature(name, temperature, x.shape, axes, x.dtype)
-    alpha = _label_smoothing(name, label_smoothing, x.dtype)
-    y = jnp.broadcast_to(y.astype(x.dtype), x.shape)
+    t = canonicalize_temperature(name, temperature, x.shape, axes, dtype)
+    alpha = _label_smoothing(name, label_smoothing, dtype)
+    y = jnp.broadcast_to(y.astype(dtype), x.shape)
     loss = _dense_cross_entropy_jit(axes, x, y, mask, t, alpha, axis_name)
     return loss.astype(jnp.promote_types(out_dtype, label_dtype))
 
@@ -309,7 +316,7 @@ def _plain_integer_cross_entropy(x, labels):
     _, _, x_max, total = _plain_softmax_parts((x.ndim - 1,), x)
     log_total, _ = _log_normaliser(total)
     x_y, valid = _label_logit(x, labels)
-    loss = log_total - _plain_logits_given_max(x_y, x_max)
+    loss = log_total - _plain_logits_given_max(upcast(x_y), x_max)
     loss = jnp.where(total == 0, 0.0, jnp.where(valid, loss, jnp.nan))
     return loss[..., 0]
 
@@ -342,6 +349,7 @@ def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced, axis_nam
     """
     if fast and t is None and mask is None and alpha is None and axis_name is None:
         return _plain_integer_cross_entropy(x, labels)
+    x = upcast(x)
     num_classes = x.shape[-1]
     valid = ((labels >= 0) & (labels < num_classes))[..., None]
     here = valid  # whether this shard holds the label's class
@@ -537,7 +545,9 @@ def softmax_cross_entropy_with_integer_labels(
       Array([0.2761297, 0.       ], dtype=float32)
     """
     name = "softmax_cross_entropy_with_integer_labels"
-    x, out_dtype = as_real_array(name, logits, "logits")
+    # float16 / bfloat16 logits stay as they are (see core._canonical_args).
+    x, out_dtype = as_real_array(name, logits, "logits", keep_low_precision=True)
+    dtype = compute_dtype(x.dtype)
     axes, sorted_axes, batch_axes = class_layout(name, axis, x.ndim)
     if axis_name is not None and len(axes) != 1:
         raise ValueError(
@@ -562,8 +572,8 @@ def softmax_cross_entropy_with_integer_labels(
             "class index per example"
         )
     mask = _loss_mask(name, where, x.shape, sorted_axes)
-    t = canonicalize_temperature(name, temperature, x.shape, sorted_axes, x.dtype)
-    alpha = _label_smoothing(name, label_smoothing, x.dtype)
+    t = canonicalize_temperature(name, temperature, x.shape, sorted_axes, dtype)
+    alpha = _label_smoothing(name, label_smoothing, dtype)
     x = classes_last(x, batch_axes, axes)
     if mask is not None:
         mask = classes_last(mask, batch_axes, axes)

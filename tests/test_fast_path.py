@@ -125,3 +125,14 @@ def test_fast_path_edge_values(x):
     rest = np.exp(np.asarray(x[6], np.float64) - float(x[6, 0]))[1:].sum()
     np.testing.assert_allclose(ls[6, 0], -np.log1p(rest), rtol=4e-7)
     assert ls[6, 0] != 0.0
+
+
+def test_fast_logsumexp_nan_next_to_inf_is_nan():
+    # A NaN poisons its slice also next to a +inf (the fused max alone would
+    # drop the NaN and return +inf). Hand reference: any NaN term -> NaN.
+    x = np.zeros((3, 4096), np.float32)
+    x[0, [5, 9]] = [INF, np.nan]
+    x[1, 7] = np.nan
+    x[2, 3] = INF
+    lse = np.asarray(jax.jit(lambda x: jsoftmax.logsumexp(x, axis=-1))(jnp.asarray(x)))
+    assert np.isnan(lse[0]) and np.isnan(lse[1]) and lse[2] == INF

@@ -153,6 +153,20 @@ def _dense_edge_batch():
     return x, onehot
 
 
+def test_dense_fast_path_signed_labels_on_excluded_classes():
+    # Hand reference: a label l on a class of probability 0 costs l * inf
+    # (+inf for l > 0, -inf for l < 0, as on the general path), 0 for l = 0;
+    # rows of 4096 classes so that XLA:CPU compiles the fused kernel.
+    x = np.zeros((3, 4096), np.float32)
+    x[:, 1] = -INF
+    labels = np.zeros((3, 4096), np.float32)
+    labels[:, 0] = 1.0
+    labels[:, 1] = [0.5, -0.5, 0.0]
+    got = np.asarray(jax.jit(dense_ce)(jnp.asarray(x), jnp.asarray(labels)))
+    assert got[0] == INF and got[1] == -INF
+    np.testing.assert_allclose(got[2], np.log(4095.0), rtol=1e-6)
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_dense_fast_path_matches_reference_at_every_edge(jit):
     # No mask, t = 1, no smoothing: the select-free fast path. Rows cover a
