@@ -113,8 +113,15 @@ def _inverse_temperature(t):
 
 
 def _value(tangent):
-    """None for a symbolic-zero tangent, the tangent array otherwise."""
-    return None if isinstance(tangent, SymbolicZero) else tangent
+    """None for a symbolic-zero tangent, else the tangent in the compute dtype.
+
+    A float16 / bfloat16 input has a tangent of its dtype; upcasting it once
+    here keeps reverse mode to one rounding of the cotangent (several float32
+    uses of a bfloat16 tangent each transpose to their own rounding).
+    """
+    if tangent is None or isinstance(tangent, SymbolicZero):
+        return None
+    return upcast(tangent)
 
 
 def _sum(v, axes, keepdims=True):

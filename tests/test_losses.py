@@ -20,6 +20,7 @@ import jsoftmax
 from jsoftmax import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
 
 INF = np.inf
+EPS32 = float(np.finfo(np.float32).eps)
 integer_ce = softmax_cross_entropy_with_integer_labels
 dense_ce = softmax_cross_entropy
 
@@ -151,6 +152,33 @@ def _dense_edge_batch():
     onehot = np.eye(5, dtype=np.float32)[np.where(valid, labels, 0)] * valid[:, None]
     onehot[3] = [0.5, 0.0, 0.25, 0.25, 0.0]
     return x, onehot
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_loss_gradients_are_rounded_once(dtype):
+    # Gradients of bfloat16 / float16 logits: float32 results rounded once,
+    # so within 1 ulp of the float64 hand gradient (softmax - onehot, and
+    # sum(l) softmax - l for probability labels), on rows XLA:CPU fuses.
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((4, 2048)) * 3, dtype)
+    labels = np.array([0, 7, 2047, 100])
+    w = np.asarray(jnp.asarray(rng.standard_normal(4), dtype).astype(jnp.float32))
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    e = np.exp(x64 - x64.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    onehot = np.eye(2048)[labels]
+    soft = np.asarray(jnp.asarray(rng.dirichlet(np.ones(2048), 4), dtype).astype(jnp.float32))
+    cases = [
+        (lambda x: integer_ce(x, jnp.asarray(labels)), (p - onehot) * w[:, None]),
+        (lambda x: dense_ce(x, jnp.asarray(soft, dtype)), (p - soft) * w[:, None]),
+    ]
+    for loss, want in cases:
+        got = jax.grad(lambda x, loss=loss: jnp.sum(loss(x).astype(jnp.float32) * w))(x)
+        assert got.dtype == dtype
+        got = np.asarray(got.astype(jnp.float32), np.float64)
+        rounded = np.asarray(jnp.asarray(want, jnp.float32).astype(dtype).astype(jnp.float32))
+        ulp = np.spacing(np.abs(rounded)) * 2.0 ** (23 - jnp.finfo(dtype).nmant)
+        assert np.all(np.abs(got - want) <= ulp + 8 * EPS32 * np.max(np.abs(want)))
 
 
 def test_dense_fast_path_signed_labels_on_excluded_classes():
