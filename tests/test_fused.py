@@ -322,12 +322,15 @@ def test_compiled_memory_is_a_fraction_of_unfused():
         return step.lower(h, w, labels).compile().memory_analysis().temp_size_in_bytes
 
     fused = temp_bytes(lambda h, w, y: fused_linear_cross_entropy(h, w, y, chunk_size=256))
-    for ce in (
-        optax.losses.softmax_cross_entropy_with_integer_labels,
-        jsoftmax.softmax_cross_entropy_with_integer_labels,
+    # optax keeps the logits and their gradient; jsoftmax's integer-label
+    # loss computes the gradient in one pass over the logits, so it keeps one
+    # [n, v] array (the logits) fewer: the fused loss is compared with both.
+    for ce, arrays in (
+        (optax.losses.softmax_cross_entropy_with_integer_labels, 2),
+        (jsoftmax.softmax_cross_entropy_with_integer_labels, 1),
     ):
         unfused = temp_bytes(lambda h, w, y, ce=ce: ce(h @ w, y))
-        assert unfused >= 2 * n * v * 4  # the logits and their gradient
+        assert unfused >= arrays * n * v * 4
         assert fused * 8 <= unfused, (fused, unfused)
 
 
