@@ -581,7 +581,7 @@ def _temp_bytes(loss, n, v, **kwargs):
 
 
 def test_integer_loss_temporary_memory_no_larger_than_optax():
-    # The shape (114,688 against 131,072 bytes) and a smaller one.
+    # The shape (81,920 against 131,072 bytes) and a smaller one.
     # The comparison holds for XLA:CPU, where CI runs; on an H200 (jax 0.11.2)
     # XLA:GPU splits our long-row reduction in two stages and keeps 2,130,968
     # bytes at 4096x32768 against optax's 32,784 (BENCHMARKS.md), still 1/250
