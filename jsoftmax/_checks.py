@@ -33,6 +33,13 @@ def upcast(x: jax.Array) -> jax.Array:
     return x.astype(compute_dtype(x.dtype))
 
 
+def widen_labels(labels: jax.Array) -> jax.Array:
+    """Integer class indices in at least int32: comparisons with the class
+    count (labels < V) and with class indices overflow in int8 or uint8 when
+    there are more classes than the dtype holds (300 classes, uint8 labels)."""
+    return labels.astype(jnp.promote_types(labels.dtype, jnp.int32))
+
+
 def as_real_array(
     name: str, x: ArrayLike, arg: str = "x", *, keep_low_precision: bool = False
 ) -> tuple[jax.Array, jnp.dtype]:

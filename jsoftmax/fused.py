@@ -30,7 +30,12 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jsoftmax._checks import broadcast_mask, canonicalize_temperature, is_traced
+from jsoftmax._checks import (
+    broadcast_mask,
+    canonicalize_temperature,
+    is_traced,
+    widen_labels,
+)
 from jsoftmax.core import AxisName
 
 __all__ = ["fused_linear_cross_entropy"]
@@ -456,6 +461,7 @@ def fused_linear_cross_entropy(
             f"{_NAME}: labels must be integer class indices; got dtype {lab.dtype}. "
             "For soft (probability) labels use the unfused softmax_cross_entropy"
         )
+    lab = widen_labels(lab)
     batch = h.shape[:-1]
     if lab.shape != batch:
         raise ValueError(

@@ -36,6 +36,7 @@ from jsoftmax._checks import (
     is_traced,
     temperature_per_row,
     upcast,
+    widen_labels,
 )
 from jsoftmax.core import (
     AxisName,
@@ -568,7 +569,7 @@ def softmax_cross_entropy_with_integer_labels(
             "Cast them (labels.astype(jnp.int32)), or use softmax_cross_entropy for "
             "probability labels"
         )
-    y = jnp.asarray(labels)
+    y = widen_labels(jnp.asarray(labels))
     if y.shape != batch_shape:
         raise ValueError(
             f"{name}: labels have shape {y.shape} but the logits' batch shape is "

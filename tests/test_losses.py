@@ -181,6 +181,32 @@ def test_low_precision_loss_gradients_are_rounded_once(dtype):
         assert np.all(np.abs(got - want) <= ulp + 8 * EPS32 * np.max(np.abs(want)))
 
 
+@pytest.mark.parametrize("label_dtype", [np.uint8, np.int8, np.int16])
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.5}], ids=["fast", "general"])
+def test_narrow_label_dtypes_with_more_classes_than_they_hold(label_dtype, kw):
+    # 300 classes and uint8 / int8 labels: comparing the labels with the class
+    # count in their own dtype wrapped 300 to 44 (uint8) and gave NaN.
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 300)).astype(np.float32)
+    top = np.iinfo(label_dtype).max
+    labels = np.array([0, 5, min(top, 299)], label_dtype)
+    t = kw.get("temperature", 1.0)
+    z = x.astype(np.float64) / t
+    m = z.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[:, 0]
+    want = lse - z[np.arange(3), labels.astype(int)]
+    got = integer_ce(jnp.asarray(x), jnp.asarray(labels), **kw)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+    g = jax.grad(lambda x: jnp.sum(integer_ce(x, jnp.asarray(labels), **kw)))(jnp.asarray(x))
+    p = np.exp(z - lse[:, None])
+    want_g = (p - np.eye(300)[labels.astype(int)]) / t
+    np.testing.assert_allclose(np.asarray(g), want_g, atol=1e-6)
+    fused = jsoftmax.fused_linear_cross_entropy(
+        jnp.eye(3, 3), jnp.asarray(x[:, :]).reshape(3, 300), jnp.asarray(labels), **kw
+    )
+    np.testing.assert_allclose(np.asarray(fused), want, rtol=1e-5)
+
+
 def test_dense_fast_path_signed_labels_on_excluded_classes():
     # Hand reference: a label l on a class of probability 0 costs l * inf
     # (+inf for l > 0, -inf for l < 0, as on the general path), 0 for l = 0;
