@@ -124,7 +124,9 @@ def class_layout(
 def classes_last(a: jax.Array, batch_axes: tuple[int, ...], axes: tuple[int, ...]) -> jax.Array:
     """Moves ``axes`` (in the given order) last and merges them into one."""
     a = jnp.transpose(a, batch_axes + axes)
-    return a.reshape((*a.shape[: len(batch_axes)], -1))
+    # The class count spelled out: -1 cannot be inferred for an empty batch.
+    classes = int(np.prod(a.shape[len(batch_axes) :], dtype=np.int64))
+    return a.reshape((*a.shape[: len(batch_axes)], classes))
 
 
 def temperature_per_row(t: jax.Array | None, axes: tuple[int, ...]) -> jax.Array | None:

@@ -332,9 +332,12 @@ def _plain_integer_cross_entropy_jvp(primals, tangents):
     probs = _softmax((x.ndim - 1,), x, None, None)
     onehot = lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1) == labels[..., None]
     x_y, valid = _label_logit(x, labels)
-    moves = valid & (jnp.abs(x_y) != _INF)  # NaN passes, and poisons the row
+    moves = valid & (jnp.abs(x_y) != _INF)
     tangent = jnp.sum((probs - onehot) * dx, axis=-1, keepdims=True)
-    return _plain_integer_cross_entropy(x, labels), jnp.where(moves, tangent, 0.0)[..., 0]
+    # tangent - tangent (+0, or NaN) rather than 0 where the loss is a limit:
+    # a NaN elsewhere in the example stays NaN, in forward mode as in reverse.
+    limit = tangent - tangent
+    return _plain_integer_cross_entropy(x, labels), jnp.where(moves, tangent, limit)[..., 0]
 
 
 def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced, axis_name):

@@ -207,6 +207,35 @@ def test_narrow_label_dtypes_with_more_classes_than_they_hold(label_dtype, kw):
     np.testing.assert_allclose(np.asarray(fused), want, rtol=1e-5)
 
 
+def test_integer_fast_path_nan_rows_are_nan_in_forward_mode_too():
+    # A NaN in the example makes its derivative NaN also when the label's own
+    # logit is a limit (-inf, +inf) or the label is out of range; forward
+    # mode once zeroed those while reverse mode gave NaN.
+    nan = np.nan
+    rows = [([nan, -INF, 2.0, 0.0], 1), ([nan, 1.0, 2.0, 0.0], 4), ([nan, INF, 2.0, 0.0], 1)]
+    for row, label in rows:
+        x, y = jnp.asarray([row], jnp.float32), jnp.asarray([label])
+        loss = lambda x, y=y: integer_ce(x, y)
+        assert np.isnan(np.asarray(jax.grad(lambda x, f=loss: f(x).sum())(x))).all()
+        assert np.isnan(np.asarray(jax.jvp(loss, (x,), (jnp.ones_like(x),))[1])).all()
+        assert np.isnan(np.asarray(jax.jacfwd(loss)(x))).all()
+    # Without a NaN those rows move nothing, in both modes.
+    x, y = jnp.asarray([[1.0, -INF, 2.0, 0.0]]), jnp.asarray([1])
+    assert (np.asarray(jax.jacfwd(lambda x: integer_ce(x, y))(x)) == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (4, 0, 5)])
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.5}], ids=["fast", "general"])
+def test_integer_labels_empty_batch(shape, kw):
+    # An empty batch gives an empty loss and a zero gradient (classes_last's
+    # reshape to (..., -1) once raised for it).
+    x = jnp.zeros(shape)
+    y = jnp.zeros(shape[:-1], jnp.int32)
+    assert integer_ce(x, y, **kw).shape == shape[:-1]
+    g = jax.grad(lambda x: jnp.sum(integer_ce(x, y, **kw)))(x)
+    assert g.shape == shape and not np.asarray(g).any()
+
+
 def test_dense_fast_path_signed_labels_on_excluded_classes():
     # Hand reference: a label l on a class of probability 0 costs l * inf
     # (+inf for l > 0, -inf for l < 0, as on the general path), 0 for l = 0;
