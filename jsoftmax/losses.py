@@ -295,9 +295,21 @@ def softmax_cross_entropy(
 
 def _label_logit(x, labels):
     """``(x_y, valid)``: the label's logit (that of class 0 where the label is
-    out of range) and whether the label is in range, keepdims."""
+    out of range) and whether the label is in range, keepdims.
+
+    A float16 / bfloat16 ``x`` is gathered as its bit pattern: XLA would
+    otherwise move the float32 conversion of the gathered logit in front of
+    the gather, where the normaliser's conversion of all the logits is, and
+    keep that converted array (16 MiB at 4096x1024) for the two.
+    """
     valid = ((labels >= 0) & (labels < x.shape[-1]))[..., None]
-    return jnp.take_along_axis(x, jnp.where(valid, labels[..., None], 0), axis=-1), valid
+    index = jnp.where(valid, labels[..., None], 0)
+    if x.dtype.itemsize != 2:
+        return jnp.take_along_axis(x, index, axis=-1), valid
+    # (No derivative flows through bits; the callers differentiate by their own rules.)
+    bits = lax.bitcast_convert_type(lax.stop_gradient(x), jnp.uint16)
+    bits = jnp.take_along_axis(bits, index, axis=-1)
+    return lax.bitcast_convert_type(bits, x.dtype), valid
 
 
 @jax.custom_jvp
