@@ -532,9 +532,8 @@ def log_softmax(
 def _logsumexp_parts(axes, x, t, mask, b):
     """Returns ``(lse, sign, weights)`` with keepdims, where
     ``weights = exp(x / t) / sum(b * exp(x / t))`` (the derivative in ``b``
-    divided by t; softmax is ``b * weights``)."""
-    if t is None and mask is None and b is None:
-        return _plain_logsumexp_parts(axes, x)
+    divided by t; softmax is ``b * weights``). The general path: with no
+    temperature, mask or weights ``_logsumexp`` takes ``_plain_logsumexp``."""
     keep = None if b is None else b != 0
     x = upcast(x)
     y, x_max = _shifted_logits(axes, x, t, mask, keep)
@@ -556,20 +555,6 @@ def _logsumexp_parts(axes, x, t, mask, b):
             mean = _sum(jnp.where(weighted != 0, weighted * x, 0.0), axes) / _safe_total(total)
             lse = jnp.where(unit_at_inf, mean, lse)
     return lse, jnp.sign(total), unnormalized / _safe_total(total)
-
-
-def _plain_logsumexp_parts(axes, x):
-    """``_logsumexp_parts`` for t = 1, no mask and no weights: the same one sum
-    as the general path, over the select-free logits of ``_plain_logits``.
-
-    Those are the logits of the fast softmax too, so that in a gradient XLA
-    computes their exponentials once for both. A slice of -inf gives
-    -inf + log 0 = -inf, one whose max is +inf gives inf + log(count) = inf,
-    and NaN propagates through the sum.
-    """
-    unnormalized, normalizer, x_max, total = _plain_softmax_parts(axes, x)
-    # normalizer is the total except 1 for an empty slice, where x_max = -inf.
-    return x_max + jnp.log(normalizer), jnp.sign(total), unnormalized / normalizer
 
 
 def _plain_logsumexp(axes, x):
