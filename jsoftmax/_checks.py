@@ -40,35 +40,56 @@ def widen_labels(labels: jax.Array) -> jax.Array:
     return labels.astype(jnp.promote_types(labels.dtype, jnp.int32))
 
 
-def as_real_array(
-    name: str, x: ArrayLike, arg: str = "x", *, keep_low_precision: bool = False
-) -> tuple[jax.Array, jnp.dtype]:
-    """Converts ``x`` to a JAX array of the dtype we compute in.
+def inexact_dtype(dtype) -> jnp.dtype:
+    """The floating dtype jax.nn computes an input of ``dtype`` in: its own
+    for floats, float64 (float32 without x64) for 64-bit integers, float32
+    for other integers and booleans."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.inexact):
+        return jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))
+    wide = dtype.itemsize == 8 and dtype != jnp.bool_
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(np.float64 if wide else np.float32))
 
-    Returns the array cast to the computation dtype and the dtype to return in:
-    float16 and bfloat16 are computed in float32 and returned in their own
-    dtype; integers promote to the default float dtype, as in ``jax.nn``.
-    With ``keep_low_precision`` float16 and bfloat16 arrays are returned as
-    they are, for a callee that calls :func:`upcast` itself.
-    """
+
+def dtype_of(name: str, x: ArrayLike, arg: str = "x") -> jnp.dtype:
+    """``x``'s dtype without converting it (a Python number gives NumPy's)."""
     dtype = getattr(x, "dtype", None)
     if dtype is None:
         try:
             dtype = np.asarray(x).dtype
         except Exception as err:  # ragged lists and other non-arrays
             raise TypeError(f"{name}: {arg} must be an array of real numbers; got {x!r}") from err
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
+def as_real_array(
+    name: str,
+    x: ArrayLike,
+    arg: str = "x",
+    *,
+    keep_low_precision: bool = False,
+    allow_bool: bool = False,
+) -> tuple[jax.Array, jnp.dtype]:
+    """Converts ``x`` to a JAX array of the dtype we compute in.
+
+    Returns the array cast to the computation dtype and the dtype to return in:
+    float16 and bfloat16 are computed in float32 and returned in their own
+    dtype; integers promote as in ``jax.nn`` (see :func:`inexact_dtype`).
+    With ``keep_low_precision`` float16 and bfloat16 arrays are returned as
+    they are, for a callee that calls :func:`upcast` itself.
+    """
     # float64 input without x64 enabled computes (and returns) float32, quietly.
-    dtype = jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))
-    if jnp.issubdtype(dtype, jnp.floating):
-        out_dtype = dtype
-    elif jnp.issubdtype(dtype, jnp.integer):
-        out_dtype = jnp.dtype(jnp.result_type(float))
-    else:
+    dtype = dtype_of(name, x, arg)
+    real = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    if not (real or (allow_bool and dtype == jnp.bool_)):
         raise TypeError(
             f"{name}: {arg} has dtype {dtype}, which is not a real number type; "
             f"cast it first, e.g. {arg}.astype(jnp.float32)"
         )
-    arr = jnp.asarray(x).astype(out_dtype)
+    out_dtype = inexact_dtype(dtype)
+    arr = jnp.asarray(x)
+    if arr.dtype != out_dtype:
+        arr = arr.astype(out_dtype)
     return (arr if keep_low_precision else upcast(arr)), out_dtype
 
 

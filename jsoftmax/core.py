@@ -1,28 +1,23 @@
 """softmax, log_softmax and logsumexp with temperature, masks and custom JVPs.
 
-All three are built on one shifted-logits computation (``_shifted_logits``):
-per slice, subtract the maximum over the included entries and divide by the
-temperature, so that every exponent is <= 0 and the largest is exactly 0.
-That makes ``exp`` unable to overflow and the normaliser at least 1, except in
-a slice with nothing included, whose normaliser is 0 and which we define.
-
-Excluded entries are those where ``where`` is False or the input is -inf.
-The derivatives are custom JVP rules written from the outputs, so the forward
-edge handling (selects, infinities) never leaks NaNs into the gradients.
+Each is a short primal over the shared per-slice logits of
+``jsoftmax._normalise`` (z = (x - max) / t with every limit defined there),
+its JVP rule directly below it, and a public wrapper that checks the
+arguments. Excluded entries are those where ``where`` is False or the input
+is -inf. The rules are written from z and the normaliser, so the edge
+handling of the forward pass never leaks NaNs into the derivatives.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Hashable
 from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-from jax.custom_derivatives import SymbolicZero
+import numpy as np
 from jax.typing import ArrayLike
 
+from jsoftmax import _normalise as nz
 from jsoftmax._checks import (
     Axis,
     as_real_array,
@@ -30,270 +25,27 @@ from jsoftmax._checks import (
     canonicalize_axes,
     canonicalize_temperature,
     compute_dtype,
+    dtype_of,
+    is_traced,
     upcast,
 )
+from jsoftmax._normalise import INF, AxisName
 
 __all__ = ["log_softmax", "logsumexp", "softmax"]
-
-_INF = float("inf")
-
-# A mesh axis name, as jax.shard_map and lax.psum take it.
-AxisName = Hashable
-
-
-# --------------------------------------------------------------------------
-# The shared forward computation.
-# --------------------------------------------------------------------------
-
-
-def _shifted_logits(axes, x, t, mask, keep=None):
-    """Returns ``(y, x_max)``: ``y = (x - max) / t`` per slice, with limits.
-
-    * excluded entries (``mask`` False or x == -inf) are -inf;
-    * a slice whose max is +inf puts 0 on its +inf entries and -inf elsewhere
-      (the limit of the softmax is uniform over them);
-    * t == 0 puts 0 on the maxima (ties included) and -inf elsewhere;
-    * t == inf puts 0 on every included entry;
-    * a traced negative or NaN temperature gives NaN;
-    * a NaN anywhere in a slice makes the slice's max, and so its result, NaN.
-
-    ``keep`` (the nonzero weights of logsumexp) excludes entries from the max
-    only; the caller drops them from the sum.
-    """
-    x = upcast(x)
-    if mask is not None:
-        x = jnp.where(mask, x, -_INF)
-    candidates = x if keep is None else jnp.where(keep, x, -_INF)
-    x_max = _max(candidates, axes)
-    shift = jnp.where(jnp.isfinite(x_max), x_max, 0.0)
-    diff = x - shift
-    if t is None:
-        y = jnp.where(x_max == _INF, jnp.where(x == _INF, 0.0, -_INF), diff)
-        return y, x_max
-    # diff / t is NaN for -inf / inf and for 0 / 0; both are fixed by the selects.
-    # At t = inf every included entry is 0; diff * 0 keeps NaN entries NaN.
-    y = jnp.where(t == _INF, jnp.where(diff == -_INF, -_INF, diff * 0.0), diff / t)
-    y = jnp.where(x_max == _INF, -_INF, y)
-    # The maxima are exactly 0 (0 / 0 at t = 0). For 0 < t < inf that value
-    # is also diff / t; y - stop_gradient(y) keeps its derivative, which the
-    # weighted logsumexp differentiates through these operations (a constant
-    # 0 there made its second derivatives vanish at ties).
-    moving = (t > 0) & (t < _INF) & (x_max < _INF)
-    at_top = jnp.where(moving, y - lax.stop_gradient(y), 0.0)
-    y = jnp.where((x == x_max) & (x_max > -_INF), at_top, y)
-    # Added rather than selected: XLA:CPU (jax 0.10.2) returns garbage for exp
-    # of a select whose other branch is a NaN constant.
-    y = y + jnp.where(t >= 0, 0.0, jnp.nan)
-    return y, x_max
-
-
-def _safe_total(total):
-    """The normaliser with 0 (a slice with nothing included) replaced by 1."""
-    return jnp.where(total == 0, 1.0, total)
-
-
-def _log_normalizer(y, axes):
-    """Returns ``(log(total), total)`` for ``total = sum(exp(y))``.
-
-    The entries at the maximum (y == 0) contribute exactly 1 each, so with
-    ``top`` their count and ``below`` the rest, log(total) =
-    log(top) + log1p(below / top). This keeps log_softmax's largest entry
-    accurate to a few ulp when ``below`` is tiny (log(1 + 1e-10) is not 0).
-    """
-    at_top = y == 0
-    top, below = _sum_pair(at_top.astype(y.dtype), jnp.where(at_top, 0.0, jnp.exp(y)), axes)
-    safe_top = jnp.where(top == 0, 1.0, top)
-    log_total = jnp.where(top == 0, jnp.log(below), jnp.log(safe_top) + jnp.log1p(below / safe_top))
-    return log_total, top + below
-
-
-def _inverse_temperature(t):
-    """1 / t, with 1 / 0 taken as 0: the hard max does not move with x."""
-    positive = t > 0
-    return jnp.where(positive, 1.0 / jnp.where(positive, t, 1.0), 0.0)
-
-
-def _value(tangent):
-    """None for a symbolic-zero tangent, else the tangent in the compute dtype.
-
-    A float16 / bfloat16 input has a tangent of its dtype; upcasting it once
-    here keeps reverse mode to one rounding of the cotangent (several float32
-    uses of a bfloat16 tangent each transpose to their own rounding).
-    """
-    if tangent is None or isinstance(tangent, SymbolicZero):
-        return None
-    return upcast(tangent)
-
-
-def _sum(v, axes, keepdims=True):
-    out = jnp.sum(v, axis=axes, keepdims=keepdims)
-    name = getattr(axes, "axis_name", None)
-    return out if name is None else lax.psum(out, name)
-
-
-def _max(v, axes, keepdims=True):
-    out = jnp.max(v, axis=axes, keepdims=keepdims, initial=-_INF)
-    name = getattr(axes, "axis_name", None)
-    return out if name is None else lax.pmax(out, name)
-
-
-class _Reduction(tuple):
-    """Reduced axes that also span a named mesh axis (vocab-parallel calls).
-
-    A tuple of ints like the plain ``axes`` everywhere else; ``_max`` and
-    ``_sum`` also reduce across the mesh axis ``axis_name`` with ``lax.pmax``
-    and ``lax.psum`` (inside ``jax.shard_map``), and so do the custom JVP
-    rules, which are written with ``_sum``. Equality and hash include the
-    name, since the axes are a static jit argument.
-    """
-
-    def __new__(cls, axes, axis_name):
-        self = super().__new__(cls, axes)
-        self.axis_name = axis_name
-        return self
-
-    def __eq__(self, other):
-        return tuple.__eq__(self, other) and self.axis_name == getattr(other, "axis_name", None)
-
-    def __ne__(self, other):
-        return not self == other
-
-    def __hash__(self):
-        return hash((tuple(self), self.axis_name))
-
-    def __reduce__(self):
-        return _Reduction, (tuple(self), self.axis_name)
 
 
 def _canonical_args(name, x, axis, where, temperature, arg="x"):
     """The checks every public function starts with: ``(array, output dtype,
     sorted axes, boolean mask or None, temperature or None)``.
 
-    float16 and bfloat16 arrays stay as they are: the computations upcast them
-    after taking the slice max in the input dtype (exact there), so that XLA
-    reads the input once per pass instead of keeping a float32 copy.
+    float16 and bfloat16 arrays stay as they are: ``_normalise.logits`` takes
+    the slice max in the input dtype (exact there) and converts once.
     """
     arr, out_dtype = as_real_array(name, x, arg, keep_low_precision=True)
     axes = canonicalize_axes(name, axis, arr.ndim)
     mask = broadcast_mask(name, where, arr.shape)
     t = canonicalize_temperature(name, temperature, arr.shape, axes, compute_dtype(arr.dtype))
     return arr, out_dtype, axes, mask, t
-
-
-def _reduction(axes, axis_name):
-    """``axes`` as they are, or with the mesh axis ``axis_name`` added."""
-    return axes if axis_name is None else _Reduction(axes, axis_name)
-
-
-def _sum_pair(a, b, axes):
-    """Sums of ``a`` and ``b`` over ``axes`` (keepdims) in one variadic reduce.
-
-    Two separate sums make XLA materialise the exponentials for the backward
-    pass (an input-sized temporary); one reduce with two outputs fuses.
-    """
-    zero = jnp.zeros((), a.dtype)
-    sum_a, sum_b = jax.lax.reduce(
-        (a, b), (zero, zero), lambda u, v: (u[0] + v[0], u[1] + v[1]), tuple(axes)
-    )
-    sums = jnp.expand_dims(sum_a, tuple(axes)), jnp.expand_dims(sum_b, tuple(axes))
-    name = getattr(axes, "axis_name", None)
-    return sums if name is None else lax.psum(sums, name)
-
-
-# --------------------------------------------------------------------------
-# The fast path: no temperature, no mask, no logsumexp weights.
-#
-# XLA on CPU compiles max, subtract, exp, sum and divide over a slice into one
-# fused kernel, but a compare or select anywhere in that chain splits it into
-# several passes over memory (1.2-5x slower than jax.nn). These helpers give
-# the results of ``_shifted_logits`` and ``_log_normalizer`` for t = 1 and no
-# mask with only min, max, sign and arithmetic per element.
-# --------------------------------------------------------------------------
-
-
-def _nan_if_inf(total):
-    """0, or NaN where a slice total is infinite (or NaN).
-
-    XLA's fused CPU kernel computes min(NaN, c) as c, so the min in
-    ``_plain_logits`` can turn a NaN entry into a huge finite logit; on a slice
-    whose max is finite its exp is then +inf, which no ordinary slice can sum
-    to (each term is at most 1). Adding this per-slice term makes such a slice
-    NaN again. (A NaN in a slice whose max is +inf looks like one more +inf
-    entry there; only the general path tells them apart.)
-    """
-    return total - total
-
-
-def _plain_logits(axes, x, exclude=True):
-    """``(y, x_max)`` with ``y = _shifted_logits(axes, x, None, None)[0]``.
-
-    The shift is the slice max clamped to the finite range, so that a slice of
-    -inf gives -inf - (-big) = -inf rather than NaN. On a slice whose max is
-    +inf, x is first halved: +inf -> min(+inf, big) - big = 0, while a finite
-    entry lands at or below -big / 2 (exp gives 0); ``exclude`` then sends those
-    entries to -inf by a factor 4. Elsewhere y = x - max exactly.
-    """
-    # Everything downstream is invariant to the shift, so it carries no
-    # derivative (differentiating the fast JVP twice would otherwise need one
-    # of max and, across devices, of pmax, which has none).
-    # The max is exact in any dtype; taken before the upcast (see _canonical_args).
-    x_max = upcast(_max(lax.stop_gradient(x), axes))
-    return _plain_logits_given_max(upcast(x), x_max, exclude), x_max
-
-
-def _plain_logits_given_max(x, x_max, exclude=True):
-    """The logits of ``_plain_logits`` for entries ``x`` of slices whose max is
-    ``x_max`` (broadcastable: also one entry per slice, e.g. a label's)."""
-    big = jnp.finfo(x.dtype).max
-    finite_max = big / jnp.maximum(x_max, big)  # 0 where the max is +inf, else 1
-    # Two mins, not min(max(..)): XLA would make a clamp, which its fusion rejects.
-    shift = -jnp.minimum(-jnp.minimum(x_max, big), big)
-    y = jnp.minimum(x * (0.5 + 0.5 * finite_max), big) - shift
-    return y * (4.0 - 3.0 * finite_max) if exclude else y
-
-
-def _plain_softmax_parts(axes, x):
-    """``(exp(y), normalizer, x_max, total)``: softmax = exp(y) / normalizer, where
-    the normalizer is the slice total, 1 for a slice with nothing included,
-    and NaN for a slice with a NaN (see ``_nan_if_inf``)."""
-    y, x_max = _plain_logits(axes, x, exclude=False)
-    unnormalized = jnp.exp(y)
-    total = _sum(unnormalized, axes)
-    return unnormalized, jnp.maximum(total, 1.0) + _nan_if_inf(total), x_max, total
-
-
-# XLA:CPU (jax 0.10.2) compiles the two sums of ``_plain_log_normalizer``
-# into one kernel on slices of up to about 1024 entries. On longer slices it
-# keeps exp(y) in memory for them (16-31 MiB on the benchmark's shapes), unless
-# the count at the top is taken without exp: 1.3-1.6x jax.nn's time instead
-# of 2.2-2.8x at 2048-32000 entries, but 1.5x instead of 1.3x at 1024.
-_LONG_SLICE = 1024
-
-
-def _plain_log_normalizer(axes, y, long_slice=False):
-    """``(log_total, total)`` as ``_log_normalizer(y, axes)``, without selects.
-
-    y <= 0, so exp(y) is exactly 1 at the maximum and floor(exp(y)) counts the
-    entries there. (An entry within 2^-24 of the max also counts, which moves
-    the total by less than one rounding.) A slice with nothing included has
-    log_total = log 1 + log1p(0) = 0.
-
-    With ``long_slice`` the count is max(1 + y 2^126, 0) instead: 1 where
-    y == 0 and 0 where y <= -2^-126 (a smaller difference is flushed to 0),
-    and ``below`` subtracts the same indicator, written with other constants
-    so that XLA shares no input-sized expression between the two sums (see
-    ``_LONG_SLICE``). Either way top + below splits exp(y) exactly.
-    """
-    if long_slice:
-        top = _sum(jnp.maximum(1.0 + y * 2.0**126, 0.0), axes)
-        below = _sum(jnp.exp(y) - jnp.maximum(2.0 + y * 2.0**127, -0.0) * 0.5, axes)
-    else:
-        unnormalized = jnp.exp(y)
-        at_top = jnp.floor(unnormalized)
-        top = _sum(at_top, axes)
-        below = _sum(unnormalized - at_top, axes)
-    safe_top = jnp.maximum(top, 1.0)
-    return jnp.log(safe_top) + jnp.log1p(below / safe_top), top + below
 
 
 # --------------------------------------------------------------------------
@@ -303,45 +55,26 @@ def _plain_log_normalizer(axes, y, long_slice=False):
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _softmax(axes, x, t, mask):
-    if t is None and mask is None:
-        unnormalized, normalizer, _, _ = _plain_softmax_parts(axes, x)
-        return unnormalized / normalizer
-    y, _ = _shifted_logits(axes, x, t, mask)
-    unnormalized = jnp.exp(y)
-    return unnormalized / _safe_total(_sum(unnormalized, axes))
+    z, _ = nz.logits(axes, x, t, mask)
+    return nz.probabilities(z, nz.reduce_sum(jnp.exp(z), axes))
 
 
+@partial(_softmax.defjvp, symbolic_zeros=True)
 def _softmax_jvp(axes, primals, tangents):
+    # d softmax = p * (dz - sum(p * dz)), dz = (dx - z dt) / t.
     x, t, mask = primals
-    dx, dt, _ = tangents
+    dx, dt = nz.tangent_value(tangents[0]), nz.tangent_value(tangents[1])
     probs = _softmax(axes, x, t, mask)
-    return probs, _softmax_tangent(axes, probs, t, _value(dx), _value(dt))
+    z = None if dt is None else nz.logits(axes, x, t, mask)[0]
+    dz = nz.tangent_logits(z, t, dx, dt)
+    if dz is None:
+        return probs, jnp.zeros_like(probs)
+    return probs, probs * (dz - nz.reduce_sum(probs * dz, axes))
 
 
-_softmax.defjvp(_softmax_jvp, symbolic_zeros=True)
-
-
-def _softmax_tangent(axes, probs, t, dx, dt):
-    """d softmax = s * (dz - sum(s * dz)) with dz = (dx - log(s) dt) / t.
-
-    The temperature term uses shift invariance: z = x / t and log s differ by
-    a per-slice constant, which the centring removes. Wrapped in
-    ``jax.checkpoint`` so that reverse mode keeps only ``probs`` as residual.
-    """
-
-    def tangent(probs, t, dx, dt):
-        u = jnp.zeros_like(probs) if dx is None else dx
-        if dt is not None:
-            positive = probs > 0
-            log_probs = jnp.where(positive, jnp.log(jnp.where(positive, probs, 1.0)), 0.0)
-            u = u - log_probs * dt
-        out = probs * (u - _sum(probs * u, axes))
-        return out if t is None else out * _inverse_temperature(t)
-
-    return jax.checkpoint(tangent, prevent_cse=False)(probs, t, dx, dt)
-
-
-_softmax_jit = jax.jit(_softmax, static_argnums=0)
+@partial(jax.jit, static_argnums=(0, 1))
+def _softmax_jit(axes, dtype, x, t, mask):
+    return _softmax(axes, x, t, mask).astype(dtype)
 
 
 def softmax(
@@ -393,7 +126,7 @@ def softmax(
       Array([0.5, 0.5, 0. ], dtype=float32)
     """
     arr, out_dtype, axes, mask, t = _canonical_args("softmax", x, axis, where, temperature)
-    return _softmax_jit(_reduction(axes, axis_name), arr, t, mask).astype(out_dtype)
+    return _softmax_jit(nz.reduction(axes, axis_name), out_dtype, arr, t, mask)
 
 
 # --------------------------------------------------------------------------
@@ -401,88 +134,53 @@ def softmax(
 # --------------------------------------------------------------------------
 
 
+def _log_softmax_parts(axes, x, t, mask):
+    z, _ = nz.logits(axes, x, t, mask)
+    norm = nz.normaliser(z, axes)
+    return nz.log_probabilities(z, norm.log_s), norm
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _log_softmax(axes, x, t, mask):
-    if t is None and mask is None:
-        y, _ = _plain_logits(axes, x)
-        # Forward only: in reverse mode the exp-free count measured 1.2-2.6x
-        # slower than the floor count (XLA then keeps more input-sized arrays).
-        long_slice = math.prod(y.shape[a] for a in axes) > _LONG_SLICE
-        return y - _plain_log_normalizer(axes, y, long_slice)[0]
-    y, _ = _shifted_logits(axes, x, t, mask)
-    log_total, total = _log_normalizer(y, axes)
-    return y - jnp.where(total == 0, 0.0, log_total)
+    return _log_softmax_parts(axes, x, t, mask)[0]
 
 
+@partial(_log_softmax.defjvp, symbolic_zeros=True)
 def _log_softmax_jvp(axes, primals, tangents):
+    """d log_softmax = dz - sum(softmax * dz), 0 on excluded entries.
+
+    Where the normaliser carries q = 1 - 1/s (float64), sum(softmax * dz) =
+    sum(e dz) - sum(q e dz) with e = exp(log_softmax) s, 1 at the maxima.
+    Kept as two sums, reverse mode forms (g - e G) + q e G: the cancellation
+    at the maximum happens before the small term is added, so 1 - softmax_max
+    survives below an ulp of 1 (jax-ml/jax#40384).
+    """
     x, t, mask = primals
-    dx, dt, _ = tangents
-    if t is None and mask is None:
-        y, _ = _plain_logits(axes, x)
-        log_total = _plain_log_normalizer(axes, y)[0]
-        return y - log_total, _plain_log_softmax_tangent(axes, y, log_total, _value(dx))
-    log_probs = _log_softmax(axes, x, t, mask)
-    return log_probs, _log_softmax_tangent(axes, log_probs, t, _value(dx), _value(dt))
+    dx, dt = nz.tangent_value(tangents[0]), nz.tangent_value(tangents[1])
+    out, norm = _log_softmax_parts(axes, x, t, mask)
+    z = None if dt is None else nz.logits(axes, x, t, mask)[0]
+    dz = nz.tangent_logits(z, t, dx, dt)
+    if dz is None:
+        return out, jnp.zeros_like(out)
+    if norm.q is None:
+        # Checkpointed: reverse mode keeps only ``out``.
+        return out, jax.checkpoint(partial(_log_softmax_tangent, axes), prevent_cse=False)(out, dz)
+    else:
+        e = jnp.exp(nz.logits(axes, x, t, mask)[0] if z is None else z)
+        small = nz.reduce_sum((norm.q * e) * dz, axes)
+        tangent = (dz - nz.reduce_sum(e * dz, axes)) + small
+    # A select, not a product: an excluded entry's cotangent may be -inf.
+    return out, jnp.where(out == -INF, 0.0, tangent)
 
 
-def _plain_log_softmax_tangent(axes, y, log_total, dx):
-    """The fast path's d log_softmax = dx - sum(softmax * dx), from ``y`` (the
-    single input-sized residual) and the per-slice ``log_total``.
-
-    With e = exp(y) (exactly 1 at the max) and q = 1 - 1/total = -expm1(-log_total),
-    sum(softmax * dx) = sum(e * dx) - sum(q e * dx). Kept as two sums, reverse
-    mode gives the cotangent (g - e G) + q e G: the cancellation at the max
-    happens before the small term is added, so a component like
-    1 - softmax_max ~ 5.6e-17 (float64) survives instead of rounding to 0. The
-    order of the two sums below fixes that order of accumulation. Excluded
-    entries (y = -inf) are masked as in ``_log_softmax_tangent``.
-    """
-    if dx is None:
-        return jnp.zeros_like(y)
-
-    def tangent(y, log_total, dx):
-        unnormalized = jnp.exp(y)
-        q = -jnp.expm1(-log_total)
-        small = _sum((q * unnormalized) * dx, axes)  # first here, added last in reverse
-        moment = _sum(unnormalized * dx, axes)
-        # 1 where y is finite, 0 where y = -inf, without a select (which XLA's
-        # fused CPU kernel rejects): a finite y is at least -max, so
-        # y * tiny lies in [-4, 0], while -inf stays -inf and is clipped to -9.
-        tiny = jnp.finfo(y.dtype).tiny
-        included = jnp.minimum(jnp.maximum(y * tiny, -9.0) + 9.0, 1.0)
-        return ((dx - moment) + small) * included
-
-    return jax.checkpoint(tangent, prevent_cse=False)(y, log_total, dx)
+def _log_softmax_tangent(axes, out, dz):
+    tangent = dz - nz.reduce_sum(jnp.exp(out) * dz, axes)
+    return jnp.where(out == -INF, 0.0, tangent)
 
 
-_log_softmax.defjvp(_log_softmax_jvp, symbolic_zeros=True)
-
-
-def _log_softmax_tangent(axes, log_probs, t, dx, dt):
-    """d log_softmax = dz - sum(softmax * dz), zero on excluded entries.
-
-    Computing sum(s * dz) from s = exp(log_probs) keeps gradient components
-    far below eps (s_j * dz_j is tiny, not lost in 1 - s_i). Checkpointed so
-    reverse mode keeps only ``log_probs``.
-    """
-
-    def tangent(log_probs, t, dx, dt):
-        probs = jnp.exp(log_probs)
-        included = log_probs != -_INF
-        u = jnp.zeros_like(log_probs) if dx is None else dx
-        if dt is not None:
-            u = u - jnp.where(included, log_probs, 0.0) * dt
-        out = u - _sum(probs * u, axes)
-        if t is not None:
-            out = out * _inverse_temperature(t)
-        # Mask last: a -inf cotangent on an excluded entry must meet a select,
-        # not a multiplication (0 * -inf is NaN in second-order reverse mode).
-        return jnp.where(included, out, 0.0)
-
-    return jax.checkpoint(tangent)(log_probs, t, dx, dt)
-
-
-_log_softmax_jit = jax.jit(_log_softmax, static_argnums=0)
+@partial(jax.jit, static_argnums=(0, 1))
+def _log_softmax_jit(axes, dtype, x, t, mask):
+    return _log_softmax(axes, x, t, mask).astype(dtype)
 
 
 def log_softmax(
@@ -521,7 +219,7 @@ def log_softmax(
       Array([-9990., -9998.,     0., -9996.], dtype=float32)
     """
     arr, out_dtype, axes, mask, t = _canonical_args("log_softmax", x, axis, where, temperature)
-    return _log_softmax_jit(_reduction(axes, axis_name), arr, t, mask).astype(out_dtype)
+    return _log_softmax_jit(nz.reduction(axes, axis_name), out_dtype, arr, t, mask)
 
 
 # --------------------------------------------------------------------------
@@ -530,107 +228,67 @@ def log_softmax(
 
 
 def _logsumexp_parts(axes, x, t, mask, b):
-    """Returns ``(lse, sign, weights)`` with keepdims, where
-    ``weights = exp(x / t) / sum(b * exp(x / t))`` (the derivative in ``b``
-    divided by t; softmax is ``b * weights``). The general path: with no
-    temperature, mask or weights ``_logsumexp`` takes ``_plain_logsumexp``."""
-    keep = None if b is None else b != 0
-    x = upcast(x)
-    y, x_max = _shifted_logits(axes, x, t, mask, keep)
-    # One plain sum: lse is dominated by x_max or by an O(1) log, so log1p buys
-    # no accuracy here, and a single reduction lets XLA fuse the backward pass.
-    unnormalized = jnp.exp(y)
-    weighted = unnormalized if b is None else jnp.where(keep, b * unnormalized, 0.0)
-    total = _sum(weighted, axes)
-    log_total = jnp.log(jnp.abs(total))
+    """``(lse, sign, z, s, shift)``, keepdims: s = sum(b exp(z)) and
+    lse = shift + t log|s|, with its limits. Entries with b = 0 are excluded,
+    from the max too, as in ``jax.nn.logsumexp``."""
+    if b is not None:
+        mask = (b != 0) if mask is None else mask & (b != 0)
+    z, shift = nz.logits(axes, x, t, mask)
+    e = jnp.exp(z)
+    s = nz.reduce_sum(e if b is None else b * e, axes)
+    log_s = jnp.log(jnp.abs(s))
     if t is None:
-        lse = x_max + log_total
-    else:
-        # t * log(total) -> 0 as t -> inf only when exactly one unit of weight
-        # is left; then the limit is the weighted mean of the included entries.
-        unit_at_inf = jnp.isinf(t) & (jnp.abs(total) == 1)
-        scaled = jnp.where(unit_at_inf, 0.0, t * log_total)
-        lse = jnp.where(total == 0, -_INF, x_max + scaled)
-        if b is not None:
-            mean = _sum(jnp.where(weighted != 0, weighted * x, 0.0), axes) / _safe_total(total)
-            lse = jnp.where(unit_at_inf, mean, lse)
-    return lse, jnp.sign(total), unnormalized / _safe_total(total)
-
-
-def _plain_logsumexp(axes, x):
-    """``(lse, sign)`` for t = 1, no mask and no weights, without derivatives.
-
-    The operations of ``jax.nn.logsumexp``: one max, one sum of exp(x - shift)
-    with the shift replaced by 0 on a slice whose max is not finite (a select
-    on the per-slice max, which XLA:CPU keeps out of the fused exp-and-sum
-    kernel). Every edge then follows from the arithmetic: a slice of -inf sums
-    to 0 (lse -inf, sign 0), an entry of +inf makes the sum +inf, and a NaN
-    makes it NaN (also next to a +inf, where the fast path's clamped logits
-    cannot tell them apart).
-    """
-    # Reduced without keepdims, as jax.nn does: XLA:CPU then keeps one per-slice
-    # temporary fewer.
-    x_max = upcast(_max(x, axes, keepdims=False))
-    shift = jnp.where(jnp.isfinite(x_max), x_max, 0.0)
-    total = _sum(jnp.exp(upcast(x) - jnp.expand_dims(shift, axes)), axes, keepdims=False)
-    return jnp.expand_dims(shift + jnp.log(total), axes), jnp.expand_dims(jnp.sign(total), axes)
+        return shift + log_s, jnp.sign(s), z, s, shift  # s = 0 gives -inf
+    # t log|s| -> 0 as t -> inf only when exactly one unit of weight is left;
+    # the limit is then the (weighted) mean of the included entries.
+    unit_at_inf = (t == INF) & (jnp.abs(s) == 1)
+    lse = jnp.where(s == 0, -INF, shift + jnp.where(unit_at_inf, 0.0, t * log_s))
+    if b is not None:
+        x = jnp.where(mask, x, 0.0).astype(s.dtype)
+        lse = jnp.where(unit_at_inf, nz.reduce_sum(b * x, axes) / nz.safe_normaliser(s), lse)
+    return lse, jnp.sign(s), z, s, shift
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _logsumexp(axes, x, t, mask, b):
-    if t is None and mask is None and b is None:
-        return _plain_logsumexp(axes, x)
-    lse, sign, _ = _logsumexp_parts(axes, x, t, mask, b)
-    return lse, sign
+    return _logsumexp_parts(axes, x, t, mask, b)[:2]
 
 
+@partial(_logsumexp.defjvp, symbolic_zeros=True)
 def _logsumexp_jvp(axes, primals, tangents):
-    x, t, mask, b = primals
-    dx, dt, _, db = (_value(v) for v in tangents)
-    if b is None:
-        # Through the custom rules (higher derivatives stay finite at the edges).
-        lse, sign = _logsumexp(axes, x, t, mask, None)
-        probs = weights = _softmax(axes, x, t, mask)
-    else:
-        # Second derivatives in b go through these primitive operations.
-        lse, sign, weights = _logsumexp_parts(axes, x, t, mask, b)
-        probs = b * weights
-    dlse = _logsumexp_tangent(axes, probs, weights, t, b, dx, dt, db)
-    return (lse, sign), (dlse, jnp.zeros_like(sign))
+    """d lse = sum(P dx) + (log|s| - sum(P z)) dt + t sum(exp(z) / s db),
+    with P = b exp(z) / s the weighted softmax.
 
-
-_logsumexp.defjvp(_logsumexp_jvp, symbolic_zeros=True)
-
-
-def _logsumexp_tangent(axes, probs, weights, t, b, dx, dt, db):
-    """d lse = sum(s * dx) - sum(s * log|w|) dt + t * sum(w * db).
-
-    The temperature term is the derivative of t * lse(x / t) in t, which is
-    lse(x / t) - sum(s * x / t) = -sum(s * log|w|) (the entropy when b = 1).
+    The dt term is the derivative of t lse(x / t) in t, the entropy of P when
+    b = 1; log s is then taken to full accuracy, since the entropy of a
+    confident slice is mostly the part of log s below an ulp of 1.
     """
-
-    def tangent(probs, weights, t, dx, dt, db):
-        out = jnp.zeros(probs.shape[:0], probs.dtype)
-        if dx is not None:
-            out = out + _sum(probs * dx, axes)
-        if dt is not None:
-            nonzero = probs != 0
-            log_w = jnp.log(jnp.abs(jnp.where(nonzero, weights, 1.0)))
-            out = out - _sum(jnp.where(nonzero, probs * log_w, 0.0), axes) * dt
-        if db is not None:
-            scale = 1.0 if t is None else t
-            out = out + scale * _sum(weights * db, axes)
-        keep_shape = tuple(1 if i in axes else n for i, n in enumerate(probs.shape))
-        return jnp.broadcast_to(out, keep_shape)
-
-    if b is None:
-        return jax.checkpoint(lambda p, t, dx, dt: tangent(p, p, t, dx, dt, None))(
-            probs, t, dx, dt
-        )
-    return tangent(probs, weights, t, dx, dt, db)
-
-
-_logsumexp_jit = jax.jit(_logsumexp, static_argnums=0)
+    x, t, mask, b = primals
+    dx, dt, _, db = (nz.tangent_value(v) for v in tangents)
+    lse, sign, z, s, shift = _logsumexp_parts(axes, x, t, mask, b)
+    weights = nz.probabilities(z, s)
+    probs = weights if b is None else b * weights
+    out = jnp.zeros_like(lse)
+    if dx is not None:
+        out = out + nz.reduce_sum(probs * dx, axes)
+    if dt is not None:
+        if b is None:
+            log_s, _ = nz.accurate_log_normaliser(z, axes)
+        else:
+            log_s = jnp.log(jnp.abs(nz.safe_normaliser(s)))
+        # z is -inf exactly where P is 0: a product with 0 there, not a select
+        # after it (whose cotangent would meet 0 * -inf).
+        entropy = log_s - nz.reduce_sum(probs * jnp.where(z == -INF, 0.0, z), axes)
+        out = out + jnp.where(s == 0, 0.0, entropy) * dt
+    if db is not None:
+        # d lse / d b_i = t exp((x_i - shift) / t) / s, also where b_i = 0.
+        diff = upcast(x) - shift
+        if t is not None:
+            diff = diff * nz.inverse_temperature(t)
+        w_all = jnp.exp(diff if mask is None else jnp.where(mask, diff, -INF))
+        scale = 1.0 if t is None else t
+        out = out + scale * nz.reduce_sum(w_all * db, axes) / nz.safe_normaliser(s)
+    return (lse, sign), (out, jnp.zeros_like(sign))
 
 
 def logsumexp(
@@ -678,21 +336,60 @@ def logsumexp(
       >>> jsoftmax.logsumexp(jnp.array([1.0, 3.0, 2.0]), temperature=0.0)
       Array(3., dtype=float32)
     """
+    if _is_complex(a) or _is_complex(b):
+        return _complex_logsumexp(a, axis, b, keepdims, return_sign, where, temperature, axis_name)
+    if b is not None:
+        a, b = _broadcast_weights(a, b)
     arr, out_dtype, axes, mask, t = _canonical_args("logsumexp", a, axis, where, temperature, "a")
     weights = None
     if b is not None:
-        weights, _ = as_real_array("logsumexp", b, "b")
-        try:
-            weights = jnp.broadcast_to(weights.astype(compute_dtype(arr.dtype)), arr.shape)
-        except ValueError as err:
-            raise ValueError(
-                f"logsumexp: b has shape {weights.shape}, which does not broadcast to a's "
-                f"shape {arr.shape}; give weights of a's shape"
-            ) from err
-    lse, sign = _logsumexp_jit(_reduction(axes, axis_name), arr, t, mask, weights)
-    if not return_sign and weights is not None:  # without b the sum is never negative
+        weights, b_dtype = as_real_array("logsumexp", b, "b", allow_bool=True)
+        out_dtype = jnp.promote_types(out_dtype, b_dtype)
+        weights = weights.astype(compute_dtype(out_dtype))
+    return _logsumexp_jit(
+        nz.reduction(axes, axis_name), out_dtype, keepdims, return_sign, arr, t, mask, weights
+    )
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _logsumexp_jit(axes, dtype, keepdims, return_sign, x, t, mask, b):
+    lse, sign = _logsumexp(axes, x, t, mask, b)
+    if not return_sign and b is not None:  # without b the sum is never negative
         lse = jnp.where(sign < 0, jnp.nan, lse)
     if not keepdims:
-        lse, sign = jnp.squeeze(lse, axes), jnp.squeeze(sign, axes)
-    lse, sign = lse.astype(out_dtype), sign.astype(out_dtype)
+        lse, sign = jnp.squeeze(lse, tuple(axes)), jnp.squeeze(sign, tuple(axes))
+    lse, sign = lse.astype(dtype), sign.astype(dtype)
     return (lse, sign) if return_sign else lse
+
+
+def _is_complex(v) -> bool:
+    return v is not None and jnp.issubdtype(dtype_of("logsumexp", v, "b"), jnp.complexfloating)
+
+
+def _broadcast_weights(a, b):
+    """``a`` and ``b`` broadcast against each other, as jax.nn.logsumexp does."""
+    try:
+        shape = np.broadcast_shapes(np.shape(a), np.shape(b))
+    except ValueError as err:
+        raise ValueError(
+            f"logsumexp: b has shape {np.shape(b)}, which does not broadcast against a's "
+            f"shape {np.shape(a)}; give weights that broadcast with a"
+        ) from err
+    if np.shape(a) != shape:
+        a = jnp.broadcast_to(a, shape)
+    if np.shape(b) != shape:
+        b = jnp.broadcast_to(b, shape)
+    return a, b
+
+
+def _complex_logsumexp(a, axis, b, keepdims, return_sign, where, temperature, axis_name):
+    """Complex inputs: the edge contract is for real logits, so these are
+    computed as jax.nn.logsumexp computes them (t = 1 on one device)."""
+    if axis_name is not None or not (
+        not is_traced(temperature) and np.all(np.asarray(temperature) == 1)
+    ):
+        raise TypeError(
+            "logsumexp: complex inputs take neither temperature nor axis_name; "
+            "pass real logits for those"
+        )
+    return jax.nn.logsumexp(a, axis, b, keepdims, return_sign, where)

@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
+from jsoftmax import _normalise as nz
 from jsoftmax._checks import (
     Axis,
     as_real_array,
@@ -35,25 +36,12 @@ from jsoftmax._checks import (
     compute_dtype,
     is_traced,
     temperature_per_row,
-    upcast,
     widen_labels,
 )
-from jsoftmax.core import (
-    AxisName,
-    _nan_if_inf,
-    _plain_logits,
-    _plain_logits_given_max,
-    _plain_softmax_parts,
-    _softmax,
-    _sum,
-    _value,
-    log_softmax,
-    logsumexp,
-)
+from jsoftmax._normalise import INF, AxisName
 
 __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
 
-_INF = float("inf")
 
 
 # --------------------------------------------------------------------------
@@ -98,117 +86,72 @@ def _psum(x, axis_name):
 # --------------------------------------------------------------------------
 
 
-def _log_normaliser(total):
-    """``(log_total, nonempty)`` for a slice total that is 0 (nothing
-    included) or at least 1: log_total is log 1 = 0 for an empty slice and NaN
-    for an infinite total (a NaN in the slice, see ``core._nan_if_inf``);
-    nonempty is 0.0 / 1.0 and carries no derivative, nor does the 1 added to
-    an empty slice: max(total, 1) would have a kink at a total of exactly 1
-    (one class, or a dominating max), which halves derivatives through it."""
-    nonempty = lax.stop_gradient(jnp.minimum(total, 1.0))
-    return jnp.log(total + (1.0 - nonempty)) + _nan_if_inf(total), nonempty
-
-
-def _plain_dense_parts(axes, x):
-    """``(y, surprisal, nonempty, included)`` for the fast dense loss.
-
-    ``y`` are the select-free logits of ``core._plain_logits`` (excluded
-    classes at -inf); ``surprisal`` is -log softmax = log_total - y with y
-    clamped at -big, so that it is finite on excluded classes (their labels
-    are handled by the caller); ``nonempty`` is 1.0 per slice, or 0.0 for a
-    slice with nothing included; ``included`` is 1.0 / 0.0 per class.
-
-    One sum, as in optax: log_total is accurate to an ulp or two of 1, not
-    relative to a total of 1 + tiny, so a loss below about 1e-6 (float32) is
-    accurate in absolute, not relative, terms. (The split at the maximum that
-    log_softmax uses needs a second sum, which cost 1.1-2.7x more here.)
-    """
-    y, _ = _plain_logits(axes, x)
-    log_total, nonempty = _log_normaliser(_sum(jnp.exp(y), axes))
-    surprisal = log_total - jnp.maximum(y, -jnp.finfo(y.dtype).max)
-    # A finite y is at least -big, so y * tiny lies in [-4, 0]; -inf stays
-    # -inf (as in core._plain_log_softmax_tangent).
-    included = jnp.minimum(jnp.maximum(y * jnp.finfo(y.dtype).tiny, -9.0) + 9.0, 1.0)
-    return y, surprisal, nonempty, included
+def _dense_parts(axes, x, labels, t, mask):
+    """``(z, probs, surprisal, kept_labels)``: the logits, softmax, -log
+    softmax (+inf on excluded classes) and the labels with the classes that
+    ``where`` drops set to 0."""
+    z, _ = nz.logits(axes, x, t, mask)
+    norm = nz.normaliser(z, axes)
+    probs = nz.probabilities(z, norm.s)
+    surprisal = -nz.log_probabilities(z, norm.log_s)
+    kept = labels if mask is None else jnp.where(mask, labels, 0.0)
+    return z, probs, surprisal, kept
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _plain_dense_cross_entropy(axes, x, labels):
-    """The loss for t = 1, no mask, no smoothing, one device.
-
-    loss = sum_j l_j (log_total - y_j). XLA:CPU fuses the max, the normaliser
-    and this sum as long as no compare or select appears per element or on
-    the slice totals, so the edges are arithmetic: on a class with y = -inf
-    the term is l_j (log_total + big) + l_j a / (1 - a) with
-    a = min(|l_j| / tiny, 1), which is 0 for a zero label and +inf for a
-    positive one (-inf for a negative one, as on the general path), and the
-    labels of a slice with nothing included are multiplied by ``nonempty`` =
-    0. Labels must be finite: an infinite or NaN label gives NaN here.
-    """
-    _, surprisal, nonempty, included = _plain_dense_parts(axes, x)
-    labels = labels * nonempty
-    # On excluded classes a = min(|l| / tiny, 1) is 1 for a label of at least
-    # the smallest normal number and 0 for a zero label; l * a / (1 - a) is
-    # then +-inf or 0. (Not a multiple of big: XLA:CPU materialises that
-    # constant as an input-sized array on long rows.)
-    tiny = jnp.finfo(surprisal.dtype).tiny
-    impossible = jnp.minimum(jnp.abs(labels) * (1.0 - included) / tiny, 1.0)
-    terms = labels * surprisal + labels * (impossible / (1.0 - impossible))
-    return jnp.sum(terms, axes)
+def _dense_cross_entropy(axes, x, labels, t, mask):
+    """sum_j l_j (log s - z_j) over the kept classes. A zero label costs 0
+    (0 log 0 = 0), a positive label on a class of probability 0 costs +inf
+    (a negative one -inf); a slice with nothing included costs 0."""
+    z, _, surprisal, kept = _dense_parts(axes, x, labels, t, mask)
+    terms = jnp.where(kept == 0, 0.0, kept * surprisal)
+    loss = nz.reduce_sum(terms, axes, keepdims=False)
+    nothing = nz.reduce_max(z, axes, keepdims=False) == -INF
+    return jnp.where(nothing, 0.0, loss)
 
 
-@_plain_dense_cross_entropy.defjvp
-def _plain_dense_cross_entropy_jvp(axes, primals, tangents):
-    x, labels = primals
-    dx, dlabels = (_value(v) for v in tangents)  # in the compute dtype
-    loss = _plain_dense_cross_entropy(axes, x, labels)
+@partial(_dense_cross_entropy.defjvp, symbolic_zeros=True)
+def _dense_cross_entropy_jvp(axes, primals, tangents):
+    """d loss = sum_j (L p_j - l_j) dz_j + sum_j (log s - z_j) dl_j over the
+    included classes (L the kept label mass); 0 on excluded classes, and the
+    derivative in a label on a class of probability 0 is taken as 0."""
+    x, labels, t, mask = primals
+    dx, dlabels, dt = (nz.tangent_value(v) for v in tangents[:3])
+    loss = _dense_cross_entropy(axes, x, labels, t, mask)
+    z, probs, surprisal, kept = _dense_parts(axes, x, labels, t, mask)
+    included = surprisal != INF
+    out = jnp.zeros_like(loss)
+    dz = nz.tangent_logits(z, t, dx, dt)
+    if dz is not None:
+        mass = nz.reduce_sum(kept, axes)
+        coefficient = jnp.where(included, mass * probs - kept, 0.0)
+        out = out + nz.reduce_sum(coefficient * dz, axes, keepdims=False)
+    if dlabels is not None:
+        dl = dlabels if mask is None else jnp.where(mask, dlabels, 0.0)
+        out = out + nz.reduce_sum(jnp.where(included, surprisal, 0.0) * dl, axes, keepdims=False)
+    # An infinite loss is a constant (0 * out keeps a NaN of the example NaN).
+    return loss, jnp.where(jnp.isinf(loss), 0.0 * out, out)
 
-    def tangent(x, labels, dx, dlabels):
-        # d loss = sum_j (L p_j - l_j) dx_j + sum_j (log_total - y_j) dl_j over
-        # the included classes (L their label mass); 0 on excluded ones.
-        _, surprisal, _, included = _plain_dense_parts(axes, x)
-        kept = labels * included
-        probs = jnp.exp(-surprisal)  # 0 on excluded classes (exp(-big - log_total))
-        out = jnp.sum((_sum(kept, axes) * probs - kept) * dx, axes)
-        return out + jnp.sum(surprisal * included * dlabels, axes)
 
-    return loss, jax.checkpoint(tangent, prevent_cse=False)(x, labels, dx, dlabels)
+def _smoothed(axes, labels, mask, alpha, dtype):
+    """optax.smooth_labels: (1 - a) labels + a / K over the K kept classes."""
+    if mask is None:
+        count = jnp.asarray(np.prod([labels.shape[a] for a in axes]), dtype)
+        name = getattr(axes, "axis_name", None)
+        if name is not None:
+            count = count * lax.axis_size(name)
+        uniform = 1.0 / count
+    else:
+        count = nz.reduce_sum(mask.astype(dtype), axes)
+        uniform = jnp.where(mask, 1.0 / nz.safe_normaliser(count), 0.0)
+    return (1.0 - alpha) * labels + alpha * uniform
 
 
-def _dense_cross_entropy(axes, x, labels, mask, t, alpha, axis_name):
-    if t is None and mask is None and alpha is None and axis_name is None:
-        return _plain_dense_cross_entropy(axes, x, labels)
-    x = upcast(x)
-    log_probs = log_softmax(
-        x, axes, mask, temperature=1.0 if t is None else t, axis_name=axis_name
-    )
+@partial(jax.jit, static_argnums=(0,))
+def _dense_cross_entropy_jit(axes, x, labels, mask, t, alpha):
     if alpha is not None:
-        # optax.smooth_labels: (1 - a) * labels + a / (number of classes kept).
-        if mask is None:
-            count = float(np.prod([x.shape[a] for a in axes]))
-            if axis_name is not None:
-                count = count * lax.axis_size(axis_name)
-        else:
-            count = _psum(jnp.sum(mask, axes, keepdims=True, dtype=x.dtype), axis_name)
-        labels = (1.0 - alpha) * labels + alpha / jnp.where(count == 0, 1.0, count)
-    finite = log_probs != -_INF  # NaN stays on the finite path and propagates
-    # 0 * log 0 = 0; a positive label on a class of probability 0 costs +inf.
-    # The infinite branch is a constant, so no 0 * inf reaches the gradients.
-    impossible = jnp.where(labels == 0, 0.0, jnp.where(labels > 0, -_INF, _INF))
-    terms = jnp.where(finite, labels * jnp.where(finite, log_probs, 0.0), impossible)
-    if mask is not None:
-        terms = jnp.where(mask, terms, 0.0)
-    loss = 0.0 - _psum(jnp.sum(terms, axes), axis_name)  # 0 - 0 is +0, not -0
-    # An example with nothing left to predict (every class masked or -inf).
-    # The slice's total probability (1, or 0 when empty; NaN stays NaN) rather
-    # than a count of the finite entries: a compare inside the reduction would
-    # split XLA:CPU's fused kernel (and its max reduction drops NaNs).
-    mass = jnp.sum(jnp.exp(lax.stop_gradient(log_probs)), axes)
-    empty = _psum(mass, axis_name) == 0
-    return jnp.where(empty, 0.0, loss)
-
-
-_dense_cross_entropy_jit = jax.jit(_dense_cross_entropy, static_argnums=(0, 6))
+        labels = _smoothed(axes, labels, mask, alpha, labels.dtype)
+    return _dense_cross_entropy(axes, x, labels, t, mask)
 
 
 def softmax_cross_entropy(
@@ -285,7 +228,7 @@ def softmax_cross_entropy(
     t = canonicalize_temperature(name, temperature, x.shape, axes, dtype)
     alpha = _label_smoothing(name, label_smoothing, dtype)
     y = jnp.broadcast_to(y.astype(dtype), x.shape)
-    loss = _dense_cross_entropy_jit(axes, x, y, mask, t, alpha, axis_name)
+    loss = _dense_cross_entropy_jit(nz.reduction(axes, axis_name), x, y, mask, t, alpha)
     return loss.astype(jnp.promote_types(out_dtype, label_dtype))
 
 
@@ -294,215 +237,129 @@ def softmax_cross_entropy(
 # --------------------------------------------------------------------------
 
 
-def _label_logit(x, labels):
-    """``(x_y, valid)``: the label's logit (that of class 0 where the label is
-    out of range) and whether the label is in range, keepdims.
-
-    A float16 / bfloat16 ``x`` is gathered as its bit pattern: XLA would
-    otherwise move the float32 conversion of the gathered logit in front of
-    the gather, where the normaliser's conversion of all the logits is, and
-    keep that converted array (16 MiB at 4096x1024) for the two.
-    """
-    valid = ((labels >= 0) & (labels < x.shape[-1]))[..., None]
-    index = jnp.where(valid, labels[..., None], 0)
-    if x.dtype.itemsize != 2:
-        return jnp.take_along_axis(x, index, axis=-1), valid
-    # (No derivative flows through bits; the callers differentiate by their own rules.)
-    bits = lax.bitcast_convert_type(lax.stop_gradient(x), jnp.uint16)
-    bits = jnp.take_along_axis(bits, index, axis=-1)
-    return lax.bitcast_convert_type(bits, x.dtype), valid
+def _label_index(axes, num_classes, labels):
+    """``(local, here, valid)``: the label's index into this shard's classes,
+    whether this shard holds it, and whether the label is in range at all.
+    With ``axis_name`` the classes are sharded and labels are global."""
+    name = getattr(axes, "axis_name", None)
+    if name is None:
+        valid = (labels >= 0) & (labels < num_classes)
+        return labels, valid, valid
+    local = labels - lax.axis_index(name) * num_classes
+    here = (local >= 0) & (local < num_classes)
+    valid = (labels >= 0) & (labels < num_classes * lax.axis_size(name))
+    return local, here, valid
 
 
-@jax.custom_jvp
-def _plain_integer_cross_entropy(x, labels):
-    """The loss for t = 1, no mask, no smoothing, one device: log_total -
-    y_label per example, with y_label the label's select-free logit. XLA:CPU
-    fuses the max and the normaliser into one kernel and the label's logit is
-    gathered once; the rest is per example, with no [batch, classes]
-    temporary. Same limits as the general path: +inf for a label on an
-    excluded class, log k for a label on one of k logits of +inf, 0 for an
-    example with nothing included, NaN for a label out of range.
-    """
-    _, _, x_max, total = _plain_softmax_parts((x.ndim - 1,), x)
-    log_total, _ = _log_normaliser(total)
-    x_y, valid = _label_logit(x, labels)
-    loss = log_total - _plain_logits_given_max(upcast(x_y), x_max)
-    loss = jnp.where(total == 0, 0.0, jnp.where(valid, loss, jnp.nan))
-    return loss[..., 0]
-
-
-@_plain_integer_cross_entropy.defjvp
-def _plain_integer_cross_entropy_jvp(primals, tangents):
-    """d loss = sum_j (p_j - onehot_j) dx_j with p the (fast) softmax, which
-    is uniform over +inf logits; 0 where the loss is a constant limit (a label
-    out of range or on an infinite logit), and NaN with a NaN in the example.
-    The one-hot is a compare with the class index, so reverse mode is one
-    element-wise pass after the softmax (no scatter): fewer temporaries than
-    optax's value_and_grad (81,920 against 131,072 bytes at 4096x32768).
-    """
-    x, labels = primals
-    dx = _value(tangents[0])  # in the compute dtype: one rounding in reverse mode
-    probs = _softmax((x.ndim - 1,), x, None, None)
-    onehot = lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1) == labels[..., None]
-    x_y, valid = _label_logit(x, labels)
-    moves = valid & (jnp.abs(x_y) != _INF)
-    tangent = jnp.sum((probs - onehot) * dx, axis=-1, keepdims=True)
-    # tangent - tangent (+0, or NaN) rather than 0 where the loss is a limit:
-    # a NaN elsewhere in the example stays NaN, in forward mode as in reverse.
-    limit = tangent - tangent
-    return _plain_integer_cross_entropy(x, labels), jnp.where(moves, tangent, limit)[..., 0]
-
-
-def _integer_cross_entropy(x, labels, mask, t, alpha, limits, t_traced, axis_name):
-    """The loss on flattened inputs: classes on the last axis, keepdims.
-
-    The cross-entropy of a label y is ``lse_t(x - x_y) / t``: one masked
-    logsumexp of the logits shifted by the label's logit, which is accurate
-    (the shifted label is exactly 0) and never builds a [batch, classes]
-    array. The limits where that formula is 0/0 or inf - inf (t = 0, t = inf,
-    a label logit of +inf) are logsumexps too, at t = 1, of 0 / -inf / +inf
-    indicator logits: ``log k`` for a k-way tie on the top, +inf when the
-    label is not on top.
-
-    With ``axis_name`` the classes are sharded over that mesh axis: labels
-    are global, the shard holding a label's class contributes its logit (and
-    mask bit) through a psum, and every sum and logsumexp spans the shards.
-    """
-    if t is None and mask is None and alpha is None and axis_name is None:
-        return _plain_integer_cross_entropy(x, labels)
-    x = upcast(x)
-    num_classes = x.shape[-1]
-    valid = ((labels >= 0) & (labels < num_classes))[..., None]
-    here = valid  # whether this shard holds the label's class
-    local = labels
-    if axis_name is not None:
-        local = labels - lax.axis_index(axis_name) * num_classes
-        here = ((local >= 0) & (local < num_classes))[..., None]
-        num_classes = num_classes * lax.axis_size(axis_name)
-        valid = ((labels >= 0) & (labels < num_classes))[..., None]
-    index = jnp.where(here, local[..., None], 0)
-    x_y = jnp.take_along_axis(x, index, axis=-1)
-    if axis_name is not None:
-        x_y = lax.psum(jnp.where(here, x_y, 0.0), axis_name)
-    label_in = valid & (x_y != -_INF)
-    if mask is not None:
-        label_kept = jnp.take_along_axis(mask, index, axis=-1)
-        if axis_name is not None:
-            label_kept = lax.psum((here & label_kept).astype(jnp.int32), axis_name) > 0
-        label_in = label_in & label_kept
-    shift = jnp.where(jnp.isfinite(x_y), x_y, 0.0)
-    # With label smoothing the shift is pinned for differentiation and the
-    # label's own derivative, -1/t, is added through `moved` below (value 0).
-    # Otherwise it comes back as minus the row sum of the z cotangent, a
-    # reduction over [batch, classes] that, next to the smoothing term's
-    # gradient, makes XLA keep that cotangent as a temporary. (Without
-    # smoothing, pinning measured slightly more memory, so it is not done.)
-    pinned = shift if alpha is None else jax.lax.stop_gradient(shift)
-    z = x - pinned
-
-    # Rows whose loss is a limit: log(#top) if the label is on top, else +inf.
-    top_is_inf = label_in & (x_y == _INF)
-    special = top_is_inf
-    z_special = jnp.where(x == _INF, 0.0, -_INF)
-    if t is not None and not limits:
-        t_arg = t  # 0 < t < inf: lse_t of the 0 / -inf indicator is t log k
-    elif t is not None:
-        t_zero, t_inf = t == 0, t == _INF
-        special = special | (label_in & (t_zero | t_inf))
-        above = jnp.where(x > x_y, _INF, jnp.where(x == x_y, 0.0, -_INF))
-        flat = jnp.where(x == _INF, _INF, jnp.where(x == -_INF, -_INF, 0.0))
-        z_special = jnp.where(
-            top_is_inf, z_special, jnp.where(t_zero, above, jnp.where(t_inf, flat, z_special))
-        )
-        z_special = jnp.where(jnp.isnan(x), jnp.nan, z_special)
-        t_arg = jnp.where(top_is_inf | t_zero | t_inf, 1.0, t)
-    else:
-        t_arg = None
-    if alpha is None and (t is None or not limits):
-        # x - x_y for a finite x_y (differentiable in both, ties included: all
-        # logits equal, as at a zero initialisation, is a tie with the label).
-        # For an infinite x_y a constant: 0 where x equals it and x - x_y
-        # elsewhere, which for x_y = +inf is the limit's 0 / -inf indicator and
-        # for x_y = -inf keeps a row of -inf empty. The select is per example
-        # and the constant carries no derivative, so the backward pass keeps
-        # no [batch, classes] array.
-        at_label = jnp.where(x_y == -_INF, -_INF, 0.0)
-        limit = lax.stop_gradient(jnp.where(x == x_y, at_label, x - x_y))
-        z = jnp.where(jnp.isfinite(x_y), x - shift, limit)
-    else:
-        z = jnp.where(special, z_special, z)
-    lse = logsumexp(
-        z, -1, None, True, False, mask, temperature=1.0 if t_arg is None else t_arg,
-        axis_name=axis_name,
-    )
-    finite = jnp.isfinite(lse)
-    if t_arg is None:
-        scaled = lse
-    elif not t_traced:
-        scaled = lse / t_arg  # t is a constant, with no cotangent to spoil
-    else:
-        # Select before dividing so that t never meets an infinite numerator
-        # (its cotangent would be 0 * inf = NaN).
-        scaled = jnp.where(finite, jnp.where(finite, lse, 0.0) / t_arg, lse)
-    t_scale = 1.0 if t_arg is None else t_arg
-    # Where the label is not a kept class the loss is a constant: 0 for an
-    # example with nothing kept, NaN for a label out of range or a NaN in the
-    # example, +inf otherwise. One select keeps the backward pass lean.
-    empty = lse == -_INF
+def _target(axes, x, labels, mask, alpha):
+    """The (smoothed) one-hot label weights w, built per element (a compare
+    with the class index, not a scatter): optax.smooth_labels of the one-hot."""
+    local, here, _ = _label_index(axes, x.shape[-1], labels)
+    classes = lax.broadcasted_iota(local.dtype, x.shape, x.ndim - 1)
+    onehot = ((classes == local[..., None]) & here[..., None]).astype(jnp.float32)
     if alpha is None:
-        constant = jnp.where(empty, 0.0, jnp.where(~valid | jnp.isnan(lse), jnp.nan, _INF))
-        return jnp.where(label_in, scaled, constant)[..., 0]
+        return onehot
+    return (1.0 - alpha) * onehot + alpha * _kept_weights(axes, x.shape, mask)
 
-    # Label smoothing, as optax.smooth_labels: (1 - a) * CE + a * S with S the
-    # mean of -log_softmax over the K kept classes. Ordinarily S = L - mean(x - s) / t
-    # with L = lse_t(x - s) / t, so the loss is L - a * sum(x - s) / (K t): the
-    # logsumexp is used once, and only a sum of the logits is added.
+
+def _kept_weights(axes, shape, mask):
+    """1/K on each of the K classes ``where`` keeps, 0 elsewhere."""
     if mask is None:
-        kept = True
-        count = jnp.asarray(num_classes, x.dtype)
-    else:
-        kept = mask
-        count = _psum(jnp.sum(mask, -1, keepdims=True, dtype=x.dtype), axis_name)
-    safe_count = jnp.where(count == 0, 1.0, count)
-    # sum(x) - K s rather than sum(x - s): x - s feeds the logsumexp, and a
-    # second reader would make XLA keep it as a [batch, classes] array.
-    moved = jnp.where(special, 0.0, shift - pinned) / t_scale
-    total = _psum(jnp.sum(jnp.where(kept, x, 0.0), -1, keepdims=True), axis_name) - count * pinned
-    finite_total = jnp.isfinite(total)
-    ordinary = (
-        scaled
-        - alpha * jnp.where(finite_total, total, 0.0) / (safe_count * t_scale)
-        - (1.0 - alpha) * moved
-    )
-    use_ordinary = valid & finite & finite_total & ~special & (label_in | (alpha == 1))
-    if limits:
-        use_ordinary = use_ordinary & ~t_zero & ~t_inf
+        count = float(np.prod([shape[a] for a in axes]))
+        name = getattr(axes, "axis_name", None)
+        count = count if name is None else count * lax.axis_size(name)
+        return jnp.full(shape, 1.0 / count, jnp.float32)
+    count = nz.reduce_sum(mask.astype(jnp.float32), axes)
+    return jnp.where(mask, 1.0 / nz.safe_normaliser(count), 0.0)
 
-    # Everything else is a constant. In the limits (t = 0, t = inf, a kept
-    # logit of +inf) each -log_softmax is log(#top) on the top classes and
-    # +inf elsewhere, so S is log K when every kept class is on top.
-    if not limits:
-        on_top = x == _INF
-    else:
-        top = logsumexp(  # the max
-            x, -1, None, True, False, mask, temperature=0.0, axis_name=axis_name
+
+def _integer_parts(axes, x, labels, t, mask, alpha):
+    """``(loss, x_y, valid, shift, norm, cross_entropy, smooth)``.
+
+    z_y is the label's logit by the same rule as every other logit
+    (``_normalise.shifted`` of the gathered entry), so log s - z_y is exact
+    however far x_y lies below the max. Under ``axis_name`` the shard that
+    holds a label's class contributes its logit through a psum.
+    """
+    local, here, valid = _label_index(axes, x.shape[-1], labels)
+    index = jnp.where(here, local, 0)[..., None]
+    shift = nz.slice_shift(axes, x, t, mask)
+    z = nz.shifted(x, shift, t, mask)
+    norm = nz.normaliser(z, axes)
+    x_y = jnp.take_along_axis(x, index, axis=-1)
+    mask_y = None if mask is None else jnp.take_along_axis(mask, index, axis=-1)
+    z_y = nz.shifted(x_y, shift, t, mask_y)
+    # +inf for a label on an excluded class.
+    log_p_y = nz.log_probabilities(z_y, norm.log_s)
+    name = getattr(axes, "axis_name", None)
+    if name is not None:
+        z_y = lax.psum(jnp.where(here[..., None], z_y, 0.0), name)
+        log_p_y = lax.psum(jnp.where(here[..., None], log_p_y, 0.0), name)
+    cross_entropy = -log_p_y
+    valid = valid[..., None]
+    smooth = None
+    loss = cross_entropy
+    if alpha is not None:
+        # optax.smooth_labels then the dense loss: (1 - a) CE + a mean(-log p)
+        # over the kept classes, each term divided by K first (no overflow).
+        kept = _kept_weights(axes, x.shape, mask)
+        if mask is not None:  # masked-out classes (z = -inf, weight 0) are absent
+            z = jnp.where(mask, z, 0.0)
+        smooth = norm.log_s - nz.reduce_sum(z * kept, axes)
+        # A term of weight 0 is absent (0 * inf counts as 0).
+        loss = jnp.where(alpha == 1, 0.0, (1.0 - alpha) * cross_entropy) + jnp.where(
+            alpha == 0, 0.0, alpha * smooth
         )
-        on_top = jnp.where(t_inf & (top < _INF), x > -_INF, x == top)
-    off_top = _psum(
-        jnp.sum(jnp.where(kept, jnp.where(on_top, 0.0, 1.0), 0.0), -1, keepdims=True), axis_name
-    )
-    smooth = jnp.where(off_top == 0, jnp.log(safe_count), _INF)
-    smooth = jnp.where(jnp.isnan(total) | jnp.isnan(lse), jnp.nan, smooth)
-    cross_entropy = jnp.where(label_in, scaled, jnp.where(jnp.isnan(lse), jnp.nan, _INF))
-    # A term of weight 0 is absent: 0 * inf counts as 0.
-    constant = jnp.where(alpha == 1, 0.0, (1.0 - alpha) * cross_entropy) + jnp.where(
-        alpha == 0, 0.0, alpha * smooth
-    )
-    constant = jnp.where(~label_in & empty, 0.0, jnp.where(valid, constant, jnp.nan))
-    return jnp.where(use_ordinary, ordinary, jax.lax.stop_gradient(constant))[..., 0]
+    loss = jnp.where(norm.s == 0, 0.0, jnp.where(valid, loss, jnp.nan))
+    return loss, x_y, valid, shift, norm, cross_entropy, smooth
 
 
-_integer_cross_entropy_jit = jax.jit(_integer_cross_entropy, static_argnums=(5, 6, 7))
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _integer_cross_entropy(axes, x, labels, t, mask, alpha):
+    """-log softmax(x / t)[label] = log s - z_y, per example (keepdims):
+    +inf for a label on an excluded class, 0 for an example with nothing
+    included, NaN for a label out of range; with smoothing optax's loss."""
+    return _integer_parts(axes, x, labels, t, mask, alpha)[0]
+
+
+def _integer_tangent(axes, x, labels, t, mask, alpha, shift, s, dx, dt):
+    """sum_j (p_j - w_j) dz_j over the included classes, from x and the
+    per-example shift and normaliser (checkpointed by the caller,
+    so reverse mode keeps no array of the logits' shape)."""
+    z = nz.shifted(x, shift, t, mask)
+    probs = nz.probabilities(z, s)
+    dz = nz.tangent_logits(z, t, dx, dt)
+    coefficient = jnp.where(z == -INF, 0.0, probs - _target(axes, x, labels, mask, alpha))
+    return nz.reduce_sum(coefficient * dz, axes)
+
+
+@partial(_integer_cross_entropy.defjvp, symbolic_zeros=True)
+def _integer_cross_entropy_jvp(axes, primals, tangents):
+    """d loss = sum_j (p_j - w_j) dz_j with w the (smoothed) one-hot labels,
+    and d loss / da = smooth - CE; 0 where the loss is a constant limit."""
+    x, labels, t, mask, alpha = primals
+    dx, _, dt, _, dalpha = (nz.tangent_value(v) for v in tangents)
+    loss, x_y, valid, shift, norm, cross_entropy, smooth = _integer_parts(
+        axes, x, labels, t, mask, alpha
+    )
+    out = jnp.zeros_like(loss)
+    if dx is not None or dt is not None:
+        tangent = jax.checkpoint(partial(_integer_tangent, axes), prevent_cse=False)
+        out = out + tangent(x, labels, t, mask, alpha, shift, norm.s, dx, dt)
+    if dalpha is not None:
+        out = out + jnp.where(norm.s == 0, 0.0, smooth - cross_entropy) * dalpha
+    # The loss is a constant where it is infinite, where the label's logit is
+    # infinite and where the label is out of range; 0 * out there keeps a NaN
+    # of the example NaN.
+    moves = valid & jnp.isfinite(x_y) & ~jnp.isinf(loss)
+    if getattr(axes, "axis_name", None) is not None:
+        moves = valid & jnp.isfinite(cross_entropy) & ~jnp.isinf(loss)
+    return loss, jnp.where(moves, out, 0.0 * out)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _integer_cross_entropy_jit(axes, x, labels, mask, t, alpha):
+    return _integer_cross_entropy(axes, x, labels, t, mask, alpha)[..., 0]
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -599,14 +456,6 @@ def softmax_cross_entropy_with_integer_labels(
     if mask is not None:
         mask = classes_last(mask, batch_axes, axes)
     t = temperature_per_row(t, sorted_axes)
-    # Whether t may be 0 or inf: only then are those limits compiled in.
-    traced = is_traced(temperature)
-    if t is None:
-        limits = False
-    elif traced:
-        limits = True
-    else:
-        values = np.asarray(temperature, np.float64)
-        limits = bool(np.any((values == 0) | np.isinf(values)))
-    loss = _integer_cross_entropy_jit(x, y, mask, t, alpha, limits, traced, axis_name)
+    axes = nz.reduction((x.ndim - 1,), axis_name)
+    loss = _integer_cross_entropy_jit(axes, x, y, mask, t, alpha)
     return loss.astype(out_dtype)

@@ -50,13 +50,16 @@ def test_quick_run_covers_every_case(quick):
 
 
 def test_quick_accuracy_is_within_a_few_ulps(quick):
-    # Against the independent float64 reference: log_softmax and logsumexp
-    # within a few ulps everywhere; softmax's tiny entries inherit the rounding
-    # of x - max (relative error ~ |x - max| eps, for any implementation), so
-    # there jsoftmax must simply be no worse than jax.nn.
+    # Against the independent float64 reference: logsumexp within a few ulps
+    # everywhere. softmax's tiny entries inherit the rounding of x - max
+    # (relative error ~ |x - max| eps, for any implementation), and the top
+    # entry of log_softmax (-1e-13 on a confident row) is accurate to an ulp
+    # of 1 with jax.nn's single sum; there jsoftmax must be no worse than jax.nn.
     for a in quick["accuracy"]:
         if a["function"] == "softmax":
             assert a["ours_ulp"] <= max(8.0, a["ref_ulp"]), a
+        elif a["function"] == "log_softmax":
+            assert a["ours_ulp"] <= max(4.0, a["ref_ulp"]), a
         else:
             assert a["ours_ulp"] <= 4.0, a
 

@@ -32,7 +32,7 @@ def test_vocab_parallel_on_four_devices():
 def test_named_reduction_is_a_distinct_static_argument():
     """The named axes are a tuple of ints to jnp, but never equal to the plain
     axes, so jit never reuses an unsharded compilation for a sharded call."""
-    from jsoftmax.core import _Reduction
+    from jsoftmax._normalise import Reduction as _Reduction
 
     named = _Reduction((1,), "v")
     assert tuple(named) == (1,)

@@ -1,0 +1,259 @@
+"""The per-slice semantics that every function of the library shares.
+
+A *slice* is what one softmax normalises: the entries of the reduced axes
+(and, with ``axis_name``, of every shard of them). For each slice this module
+computes the shifted, tempered logits
+
+.. math::
+    z_i = (x_i - m) / t, \\qquad m = \\max_{j \\text{ included}} x_j,
+
+and their normaliser :math:`s = \\sum_i \\exp z_i`, with every limit defined
+here and nowhere else:
+
+* an entry is *excluded* where ``mask`` is False or ``x == -inf``: z = -inf;
+* a slice with nothing included has m = -inf, z = -inf everywhere, s = 0;
+* a slice whose maximum is +inf has z = 0 on its +inf entries and -inf on
+  the others (the softmax is uniform over the +inf entries);
+* t = 0 gives z = 0 on the maxima (ties included) and -inf elsewhere (the
+  hard max); t = inf gives z = 0 on every included entry (uniform);
+* a NaN entry, or a traced negative or NaN temperature, makes the slice NaN.
+
+The maxima have z exactly 0 and every other z is below 0, so ``exp`` cannot
+overflow and s >= 1 on a slice with something included. The public functions
+and their custom JVP rules are written with the names below; nothing else in
+the library re-derives a limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from jsoftmax._checks import upcast
+
+__all__ = [
+    "INF",
+    "AxisName",
+    "Normaliser",
+    "Reduction",
+    "accurate_log_normaliser",
+    "inverse_temperature",
+    "log_probabilities",
+    "logits",
+    "normaliser",
+    "probabilities",
+    "reduce_max",
+    "reduce_sum",
+    "reduction",
+    "safe_normaliser",
+    "shifted",
+    "slice_shift",
+    "tangent_logits",
+    "tangent_value",
+]
+
+INF = float("inf")
+
+# A mesh axis name, as jax.shard_map and lax.psum take it.
+AxisName = Hashable
+
+
+class Reduction(tuple):
+    """Reduced axes that also span a named mesh axis (vocab-parallel calls).
+
+    A tuple of ints like plain ``axes``; :func:`reduce_max` and
+    :func:`reduce_sum` also reduce across the mesh axis ``axis_name`` with
+    ``lax.pmax`` and ``lax.psum`` (inside ``jax.shard_map``). Equality and
+    hash include the name, since the axes are a static jit argument.
+    """
+
+    def __new__(cls, axes, axis_name):
+        self = super().__new__(cls, axes)
+        self.axis_name = axis_name
+        return self
+
+    def __eq__(self, other):
+        return tuple.__eq__(self, other) and self.axis_name == getattr(other, "axis_name", None)
+
+    def __ne__(self, other):
+        return not self == other
+
+    def __hash__(self):
+        return hash((tuple(self), self.axis_name))
+
+    def __reduce__(self):
+        return Reduction, (tuple(self), self.axis_name)
+
+
+def reduction(axes: tuple[int, ...], axis_name: AxisName | None) -> tuple[int, ...]:
+    """``axes`` as they are, or with the mesh axis ``axis_name`` added."""
+    return axes if axis_name is None else Reduction(axes, axis_name)
+
+
+def _axis_name(axes):
+    return getattr(axes, "axis_name", None)
+
+
+def reduce_sum(v: jax.Array, axes, keepdims: bool = True) -> jax.Array:
+    """Sum over ``axes`` and, for a :class:`Reduction`, over its mesh axis."""
+    out = jnp.sum(v, axis=tuple(axes), keepdims=keepdims)
+    name = _axis_name(axes)
+    return out if name is None else lax.psum(out, name)
+
+
+def reduce_max(v: jax.Array, axes, keepdims: bool = True) -> jax.Array:
+    """Max over ``axes`` (-inf for an empty slice), across shards too."""
+    out = jnp.max(v, axis=tuple(axes), keepdims=keepdims, initial=-INF)
+    name = _axis_name(axes)
+    return out if name is None else lax.pmax(out, name)
+
+
+def slice_shift(axes, x: jax.Array, t: jax.Array | None = None, mask=None) -> jax.Array:
+    """The per-slice shift, keepdims, in the compute dtype: the max of the
+    included entries, 0 for a slice with nothing included, NaN for an invalid
+    (traced negative or NaN) temperature. It carries no derivative:
+    everything built on z is invariant to it. float16 / bfloat16
+    ``x`` is reduced in its own dtype, where the max is exact."""
+    if mask is not None:
+        x = jnp.where(mask, x, -INF)
+    m = upcast(reduce_max(lax.stop_gradient(x), axes))
+    shift = jnp.where(m == -INF, 0.0, m)
+    return shift if t is None else jnp.where(t >= 0, shift, jnp.nan)
+
+
+def shifted(x: jax.Array, shift: jax.Array, t: jax.Array | None = None, mask=None) -> jax.Array:
+    """z = (x - shift) / t for entries ``x`` of slices with ``shift`` (any
+    broadcastable subset of the entries: a label's logit uses the same rule).
+
+    z <= 0 with the maxima exactly 0. On a slice whose max is +inf its +inf
+    entries are 0 (x - shift would be NaN) and the others x - inf = -inf, so
+    the softmax is uniform over them with no further case. z is
+    differentiable in x and t (dz = dx / t on every finite entry, the maxima
+    too); the second derivatives of the JVP rules go through it.
+    """
+    x = upcast(x)
+    if mask is not None:
+        x = jnp.where(mask, x, -INF)
+    z = jnp.where(x == INF, 0.0, x - shift)
+    if t is None:
+        return z
+    # Only finite z is divided (an infinite one would give the temperature an
+    # infinite derivative). At t = 0 and t = inf it takes the limit instead, a
+    # constant: 0 on the maxima and -inf below them at t = 0, 0 at t = inf.
+    finite = jnp.isfinite(z)
+    moving = (t > 0) & (t < INF)
+    scaled = jnp.where(finite, z, 0.0) / jnp.where(moving, t, 1.0)
+    limit = jnp.where((t == 0) & (z != 0), -INF, 0.0)
+    return jnp.where(finite, jnp.where(moving, scaled, limit), z)
+
+
+def logits(axes, x: jax.Array, t: jax.Array | None = None, mask=None):
+    """``(z, shift)`` for whole slices: see :func:`slice_shift` and
+    :func:`shifted`."""
+    shift = slice_shift(axes, x, t, mask)
+    return shifted(x, shift, t, mask), shift
+
+
+class Normaliser(NamedTuple):
+    """s = sum(exp(z)) per slice (keepdims), ``log_s`` = log s with 0 for a
+    slice with nothing included, and ``q`` = 1 - 1/s to full accuracy, or
+    None. s is 0 for a slice with nothing included, +inf for one whose max is
+    +inf and NaN for one with a NaN."""
+
+    s: jax.Array
+    log_s: jax.Array
+    q: jax.Array | None
+
+
+def normaliser(z: jax.Array, axes) -> Normaliser:
+    """The :class:`Normaliser` of logits z.
+
+    In float64 log s and q are split at the maxima (:func:`accurate_log_normaliser`),
+    which keeps the top entry of log_softmax and its gradient component
+    1 - softmax_max (jax-ml/jax#40384) when they are below an ulp of 1. In
+    float32 and below that costs a second pass over the slice, so they take
+    jax.nn's single sum.
+    """
+    s = reduce_sum(jnp.exp(z), axes)
+    if z.dtype != jnp.float64:
+        return Normaliser(s, jnp.log(safe_normaliser(s)), None)
+    log_s, q = accurate_log_normaliser(z, axes)
+    return Normaliser(s, log_s, q)
+
+
+def log_probabilities(z: jax.Array, log_s: jax.Array) -> jax.Array:
+    """log softmax from logits z and log normaliser ``log_s``: z - log s, -inf
+    on excluded entries (with no derivative: z - log s would move with log s;
+    a NaN normaliser still makes them NaN)."""
+    return jnp.where(z == -INF, -INF - lax.stop_gradient(log_s), z - log_s)
+
+
+def probabilities(z: jax.Array, s: jax.Array) -> jax.Array:
+    """softmax from logits z and normaliser s: exp(z) / s, 0 where nothing is
+    included."""
+    return jnp.exp(z) / safe_normaliser(s)
+
+
+def safe_normaliser(s: jax.Array) -> jax.Array:
+    """The normaliser with 0 (a slice with nothing included) replaced by 1,
+    so that softmax is 0 and log_softmax -inf there."""
+    return jnp.where(s == 0, 1.0, s)
+
+
+def accurate_log_normaliser(z: jax.Array, axes) -> tuple[jax.Array, jax.Array]:
+    """``(log s, q)`` with ``q = 1 - 1/s``, both to full relative accuracy.
+
+    The maxima contribute exactly 1 each (z = 0), so with k of them and
+    ``below`` the rest, log s = log k + log1p(below / k) and q = below / s.
+    Plain log(s) loses ``below`` when it is under an ulp of s, and with it the
+    entropy term of d lse / dt and the top entry's gradient of log_softmax
+    (jax-ml/jax#40384). An empty slice gives (0, 0).
+    """
+    at_top = z == 0
+    e = jnp.exp(z)
+    # exp(z) rather than 1 at the top: the same value, with z's derivative.
+    top = reduce_sum(jnp.where(at_top, e, 0.0), axes)
+    below = reduce_sum(jnp.where(at_top, 0.0, e), axes)
+    safe_top = jnp.where(top == 0, 1.0, top)
+    log_s = jnp.where(top == 0, 0.0, jnp.log(safe_top) + jnp.log1p(below / safe_top))
+    # q = (s - k) / s with k the count at the top: below / s in value, and
+    # top - k (exactly 0) carries the top's part of dq.
+    moving_top = top - lax.stop_gradient(top)
+    return log_s, (below + moving_top) / safe_normaliser(top + below)
+
+
+def inverse_temperature(t: jax.Array) -> jax.Array:
+    """1 / t, with 1 / 0 taken as 0: the hard max does not move with x."""
+    positive = t > 0
+    return jnp.where(positive, 1.0 / jnp.where(positive, t, 1.0), 0.0)
+
+
+def tangent_value(tangent) -> jax.Array | None:
+    """None for a symbolic-zero tangent, else the tangent in the compute dtype.
+
+    A float16 / bfloat16 input has a tangent of its dtype; upcasting it once
+    keeps reverse mode to one rounding of the cotangent.
+    """
+    if tangent is None or isinstance(tangent, SymbolicZero):
+        return None
+    return upcast(tangent)
+
+
+def tangent_logits(z, t, dx, dt):
+    """The tangent of z: dz = (dx - z dt) / t, without the z term where z is infinite.
+
+    Any per-slice constant may be added to dz (the shift's derivative is one),
+    since every function of z here is invariant to it. None when both tangents
+    are symbolic zeros.
+    """
+    if dx is None and dt is None:
+        return None
+    dz = jnp.zeros_like(z) if dx is None else dx
+    if dt is not None:
+        dz = dz - jnp.where(jnp.isfinite(z), z, 0.0) * dt
+    return dz if t is None else dz * inverse_temperature(t)
