@@ -733,3 +733,109 @@ def test_weighted_logsumexp_hessian_at_ties(x64, t):
     ref = jax.hessian(lambda x: t * jax.nn.logsumexp(x / t, b=b))(x)
     np.testing.assert_allclose(jax.hessian(lambda x: jsoftmax.logsumexp(x, b=b, temperature=t))(x),
                                ref, rtol=1e-10, atol=1e-14)
+
+
+# ---------------------------------------------------------------- constants under jit
+
+# Every edge in one array: ordinary rows, -inf, a fully excluded row, +inf,
+# +inf next to NaN, NaN, a tie, a dominant entry.
+EDGE_ROWS = np.array(
+    [
+        [1.0, 2.0, 3.0, 0.5],
+        [0.5, -1.0, 4.0, -INF],
+        [-INF, -INF, -INF, -INF],
+        [INF, 0.0, INF, 1.0],
+        [INF, np.nan, 0.0, 1.0],
+        [np.nan, 1.0, 2.0, 3.0],
+        [2.0, 2.0, -1.0, 2.0],
+        [40.0, 0.0, 1.0, -3.0],
+    ],
+    np.float32,
+)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"temperature": 0.5}, {"where": EDGE_ROWS > 0}])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "logsumexp"])
+def test_constants_under_jit_give_the_same_result(name, kwargs):
+    # An input passed as an argument, closed over as a constant, or built
+    # inside the jitted function (XLA constant-folds the last two).
+    fn = getattr(jsoftmax, name)
+    f = (lambda x: fn(x, axis=-1, **kwargs)) if name == "logsumexp" else (lambda x: fn(x, **kwargs))
+    want = np.asarray(f(jnp.asarray(EDGE_ROWS)))
+    # The same values (XLA's constant folder may round exp and log once
+    # differently) and the same infinities and NaNs.
+    same = lambda got, want: np.testing.assert_allclose(
+        np.asarray(got), want, rtol=4 * EPS32, atol=4 * EPS32
+    )
+    same(jax.jit(f)(EDGE_ROWS), want)
+    same(jax.jit(lambda: f(EDGE_ROWS))(), want)
+    built = lambda: jnp.where(jnp.isnan(jnp.asarray(EDGE_ROWS)), jnp.nan, jnp.asarray(EDGE_ROWS))
+    same(jax.jit(lambda: f(built()))(), want)
+    if "where" not in kwargs:
+        same(jax.jit(lambda: f(jnp.full((2, 5), 3.0)))(), np.asarray(f(jnp.full((2, 5), 3.0))))
+        ramp = lambda: jnp.arange(12.0).reshape(3, 4) * 10.0
+        same(jax.jit(lambda: f(ramp()))(), np.asarray(f(ramp())))
+
+
+def test_constant_logits_match_mpmath():
+    c = np.array([[1, 2, 3], [0.5, -1, 4]], np.float32)
+    for i, row in enumerate(c):
+        rs, rl, rlse = mp_row(row)
+        np.testing.assert_allclose(jax.jit(lambda: jsoftmax.log_softmax(c))()[i], rl, rtol=1e-6)
+        np.testing.assert_allclose(jax.jit(lambda: jsoftmax.softmax(c))()[i], rs, atol=1e-7)
+        np.testing.assert_allclose(
+            jax.jit(lambda: jsoftmax.logsumexp(c, axis=-1))()[i], rlse, rtol=1e-6
+        )
+
+
+def test_nan_next_to_inf_is_nan_at_every_width():
+    for width in (3, 1024, 4096):
+        x = np.zeros((2, width), np.float32)
+        x[:, 0], x[:, 1] = INF, np.nan
+        w = np.ones_like(x, bool)
+        for out in (
+            jsoftmax.softmax(x), jsoftmax.softmax(x, where=w),
+            jsoftmax.softmax(x, temperature=0.5), jsoftmax.log_softmax(x),
+            jsoftmax.logsumexp(x, axis=-1), jsoftmax.logsumexp(x, axis=-1, where=w),
+        ):
+            assert np.isnan(np.asarray(out)).all(), width
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "logsumexp"])
+def test_negative_zero_temperature_is_the_hard_max(name):
+    fn = getattr(jsoftmax, name)
+    x = jnp.array([1.0, 3.0, 3.0, -2.0])
+    np.testing.assert_array_equal(fn(x, temperature=-0.0), fn(x, temperature=0.0))
+    assert not np.isnan(np.asarray(fn(x, temperature=-0.0))).any()
+
+
+def test_weighted_logsumexp_second_derivative_in_t_with_excluded_weights(x64):
+    # d2/dt2 of t log(1 e^{0/t} + 2 e^{0.5/t}) at t = 1 (the third entry is
+    # excluded by where although b = 3): by hand, with p the weighted softmax
+    # of x / t, d2/dt2 = Var_p(x) / t^3.
+    x, b = np.array([0.0, 0.5]), np.array([1.0, 2.0])
+    p = b * np.exp(x) / np.sum(b * np.exp(x))
+    want = np.sum(p * x**2) - np.sum(p * x) ** 2
+    g = lambda t: jsoftmax.logsumexp(
+        jnp.array([0.0, 0.5, 1.0]), b=jnp.array([1.0, 2.0, 3.0]),
+        where=jnp.array([True, True, False]), temperature=t,
+    )
+    np.testing.assert_allclose(jax.grad(jax.grad(g))(1.0), want, rtol=1e-9)
+    np.testing.assert_allclose(jax.jacfwd(jax.grad(g))(1.0), want, rtol=1e-9)
+    mixed = jax.jacfwd(jax.grad(g), argnums=0)
+    assert np.isfinite(mixed(1.0))
+    # and the mixed d/dt d/dx is finite
+    h = lambda x, t: jsoftmax.logsumexp(
+        x, b=jnp.array([1.0, 2.0, 3.0]), where=jnp.array([True, True, False]), temperature=t
+    )
+    assert np.isfinite(np.asarray(jax.jacfwd(jax.grad(h, 0), 1)(jnp.array([0.0, 0.5, 1.0]), 1.0))).all()
+
+
+def test_temperature_derivative_keeps_the_entropy_of_a_confident_slice():
+    # d/dt [t lse(x / t)] = entropy of softmax(x / t); for [0, -20] at t = 1
+    # it is log(1 + e^-20) + 20 e^-20 / (1 + e^-20) (mpmath).
+    with mpmath.workdps(40):
+        e = mpmath.exp(-20)
+        want = float(mpmath.log(1 + e) + 20 * e / (1 + e))
+    got = jax.grad(lambda t: jsoftmax.logsumexp(jnp.array([0.0, -20.0]), temperature=t))(1.0)
+    np.testing.assert_allclose(got, want, rtol=4e-6)

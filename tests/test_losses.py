@@ -712,3 +712,58 @@ def test_readme_edge_case_table_script_runs_and_agrees():
         "masked example with padding label -1": ("0", "0"),
         "label smoothing 0.1 with a -inf logit": ("+inf", "0"),
     }
+
+
+# --------------------------------------------------------------------------
+# Constants under jit, and gradients where x - x_label rounds.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"temperature": 0.5}, {"label_smoothing": 0.1}])
+def test_losses_on_constant_logits_under_jit(kwargs):
+    # The logits closed over as a constant (as teacher logits often are) give
+    # optax's values, as when they are passed as an argument.
+    c = np.array([[1, 2, 3], [0.5, -1, 4]], np.float32)
+    labels = np.array([0, 2])
+    t = kwargs.get("temperature", 1.0)
+    a = kwargs.get("label_smoothing", 0.0)
+    probs = optax.smooth_labels(jax.nn.one_hot(labels, 3), a)
+    want = optax.softmax_cross_entropy(c / t, probs)
+    for got in (
+        jax.jit(lambda: integer_ce(c, labels, **kwargs))(),
+        jax.jit(lambda: dense_ce(c, jax.nn.one_hot(labels, 3), **kwargs))(),
+        jax.jit(lambda x: integer_ce(x, labels, **kwargs))(c),
+    ):
+        np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 1.0000001}, {"where": np.ones(4, bool)}])
+def test_integer_gradient_when_the_label_logit_is_far_below_the_max(kwargs):
+    # softmax - onehot by hand: the 88 entry takes all the mass; 1/t scales it.
+    x = jnp.array([1.0, -88.0, 88.0, -3e38])
+    t = kwargs.get("temperature", 1.0)
+    got = jax.grad(lambda x: integer_ce(x, jnp.array(3), **kwargs))(x)
+    np.testing.assert_allclose(got, np.array([0.0, 0.0, 1.0, -1.0]) / t, atol=1e-7, rtol=1e-6)
+
+
+def test_integer_gradient_accuracy_on_wide_logits():
+    # N(0, 300) logits, the label on the row minimum: the gradient is
+    # softmax - onehot to float32 rounding (float64 reference by hand).
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((8, 50)) * 300).astype(np.float32)
+    labels = np.argmin(x, axis=1)
+    x64 = x.astype(np.float64)
+    p = np.exp(x64 - x64.max(1, keepdims=True))
+    want = p / p.sum(1, keepdims=True) - np.eye(50)[labels]
+    for kwargs in ({}, {"temperature": 1.0000001}, {"where": np.ones(x.shape, bool)}):
+        got = jax.grad(lambda x, kw=kwargs: integer_ce(x, labels, **kw).sum())(x)
+        assert np.max(np.abs(np.asarray(got, np.float64) - want)) < 1e-6
+
+
+def test_smoothing_on_logits_near_the_float32_range_stays_finite():
+    x = jnp.array([1.0, -88.0, 88.0, -3e38])
+    probs = optax.smooth_labels(jax.nn.one_hot(3, 4), 0.1)
+    want, want_grad = jax.value_and_grad(lambda x: optax.softmax_cross_entropy(x, probs))(x)
+    got, grad = jax.value_and_grad(lambda x: integer_ce(x, jnp.array(3), label_smoothing=0.1))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
