@@ -197,7 +197,9 @@ def _fit_log_temperature(logits, labels):
     def halve(_, bracket):
         low, high = bracket
         mid = (low + high) / 2
-        rising = slope(mid) > 0  # the optimum is below mid
+        # The optimum is below mid. A slope of exactly 0 is one that underflowed
+        # on a confident set (NLL ~ e^(-margin / t)), which still rises with t.
+        rising = slope(mid) >= 0
         return jnp.where(rising, low, mid), jnp.where(rising, mid, high)
 
     low, high = (jnp.asarray(v, logits.dtype) for v in _LOG_T_RANGE)

@@ -72,6 +72,8 @@ def _sample(key, x, mask, t, top_k, top_p):
     if index is not None:
         drawn = jnp.take_along_axis(index, drawn[..., None], -1)[..., 0]
     empty = ~jnp.any(live, -1) | poisoned
+    if t is not None:  # a traced negative or NaN temperature: nothing to draw
+        empty = empty | ~((t >= 0)[..., 0] if t.ndim else t >= 0)
     return jnp.where(empty, -1, drawn).astype(jnp.int32)
 
 
@@ -157,6 +159,8 @@ def sample(
                 f"{name}: top_p of shape {p.shape} does not broadcast to the batch shape "
                 f"{batch}; pass a scalar or one value per slice"
             ) from err
+    if num_classes == 0:  # nothing to sample in any slice
+        return jnp.full(batch, -1, jnp.int32)
     x = classes_last(x, batch_axes, axes)
     if mask is not None:
         mask = classes_last(mask, batch_axes, axes)
@@ -170,11 +174,13 @@ def sample(
 
 def _gumbel_softmax(key, x, mask, t, hard):
     noise = jax.random.gumbel(key, x.shape, x.dtype)
-    perturbed = x + noise
+    # log_softmax(x) rather than x: the same sample (shift invariance) where x
+    # is finite, and a fair draw among +inf logits, which x + g cannot order.
+    perturbed = log_softmax(x, -1, mask) + noise
     soft = softmax(perturbed, -1, mask, temperature=1.0 if t is None else t)
-    if not hard:
+    if not hard or x.shape[-1] == 0:
         return soft
-    kept = x != -_INF
+    kept = perturbed != -_INF
     if mask is not None:
         kept = kept & mask
     scores = jnp.where(kept, perturbed, -_INF)

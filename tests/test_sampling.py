@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jsoftmax
 from jsoftmax import gumbel_softmax, sample
 
 M = 40_000
@@ -228,3 +229,36 @@ def test_gumbel_softmax_axis_and_dtype():
     np.testing.assert_array_equal(np.asarray(y, np.float32).sum(1), 1.0)
     y = gumbel_softmax(jax.random.key(0), x, axis=(2, 1))
     np.testing.assert_allclose(np.asarray(y, np.float32).sum((1, 2)), 1.0, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- edges found by review
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"top_k": 2}, {"top_p": 0.5}, {"temperature": 0.0}]
+)
+def test_sample_on_an_empty_class_axis_is_minus_one(kwargs):
+    got = jsoftmax.sample(jax.random.key(0), jnp.ones((2, 0)), **kwargs)
+    np.testing.assert_array_equal(got, [-1, -1])
+    assert got.dtype == jnp.int32
+
+
+def test_hard_gumbel_softmax_of_an_empty_class_axis_is_empty():
+    got = jsoftmax.gumbel_softmax(jax.random.key(0), jnp.ones((2, 0)), hard=True)
+    assert got.shape == (2, 0)
+
+
+@pytest.mark.parametrize("t", [-1.0, np.nan])
+def test_sample_with_an_invalid_traced_temperature_is_minus_one(t):
+    draw = jax.jit(lambda t: jsoftmax.sample(jax.random.key(0), jnp.ones((3, 4)), temperature=t))
+    np.testing.assert_array_equal(draw(t), [-1, -1, -1])
+
+
+def test_hard_gumbel_softmax_splits_evenly_among_infinite_logits():
+    # softmax([inf, 0, inf]) = [0.5, 0, 0.5]: 2000 draws, a binomial(2000, 0.5)
+    # count lies within 4.5 standard deviations (about 100) of 1000.
+    keys = jax.random.split(jax.random.key(1), 2000)
+    x = jnp.array([jnp.inf, 0.0, jnp.inf])
+    draws = jax.vmap(lambda k: jsoftmax.gumbel_softmax(k, x, hard=True))(keys)
+    counts = np.asarray(draws.sum(0))
+    assert counts[1] == 0 and abs(counts[0] - 1000) < 100 and counts.sum() == 2000
