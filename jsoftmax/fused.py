@@ -207,7 +207,11 @@ def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
         jnp.log1p(rest * jnp.exp(jnp.where(near, d, 0.0))),
         d + jnp.log(rest + jnp.exp(-jnp.where(near, 30.0, d))),
     )
-    lse = y_label + gap
+    # The logsumexp itself from the max: y_label + gap would carry the rounding
+    # of the label's logit (ulp of |y_label|) into every probability of the
+    # backward pass, and a label far below the max has a large |y_label|.
+    top = jnp.where(jnp.isfinite(m), m, 0.0)
+    lse = top + jnp.log(rest + jnp.exp(y_label - top))
 
     # The sum of the logits, straight from the weights' row sums.
     y_sum = _dot(h.astype(acc), jnp.sum(w, axis=1, dtype=acc))
@@ -493,7 +497,8 @@ def fused_linear_cross_entropy(
     n = int(np.prod(batch, dtype=np.int64))
     d, v = w.shape
     h2 = h.reshape(n, d)
-    lab = lab.reshape(n).astype(jnp.int32)
+    # Widened, never narrowed: an int64 label must not wrap into range.
+    lab = widen_labels(lab.reshape(n))
     mask = None if mask is None else mask.reshape(n)
     t = canonicalize_temperature(_NAME, temperature, (*batch, v), (len(batch),), acc)
     if t is not None and t.ndim:

@@ -337,3 +337,35 @@ def test_compiled_memory_is_a_fraction_of_unfused():
 def test_exported_at_top_level():
     assert jsoftmax.fused_linear_cross_entropy is fused_linear_cross_entropy
     assert "fused_linear_cross_entropy" in jsoftmax.__all__
+
+
+def test_backward_with_a_label_far_below_the_max():
+    # Logits [0, 0.5, -1e4], label 2: d loss / d logits = softmax - onehot
+    # (float64 by hand); the row sums to 0.
+    h = jnp.array([[1.0]])
+    w = jnp.array([[0.0, 0.5, -1e4]])
+    got = jax.grad(lambda w: jsoftmax.fused_linear_cross_entropy(h, w, jnp.array([2])).sum())(w)
+    x = np.array([0.0, 0.5, -1e4])
+    p = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+    np.testing.assert_allclose(np.asarray(got)[0], p - np.eye(3)[2], rtol=1e-6, atol=1e-7)
+
+
+def test_backward_on_wide_logits_matches_softmax_minus_onehot():
+    rng = np.random.default_rng(2)
+    h = jnp.asarray(np.eye(6, 6, dtype=np.float32))
+    x = (rng.standard_normal((6, 40)) * 300).astype(np.float32)
+    labels = np.argmin(x, axis=1)
+    got = jax.grad(
+        lambda w: jsoftmax.fused_linear_cross_entropy(h, w, jnp.asarray(labels)).sum()
+    )(jnp.asarray(x))
+    x64 = x.astype(np.float64)
+    p = np.exp(x64 - x64.max(1, keepdims=True))
+    want = p / p.sum(1, keepdims=True) - np.eye(40)[labels]
+    assert np.max(np.abs(np.asarray(got, np.float64) - want)) < 1e-6
+
+
+def test_int64_label_out_of_range_is_nan_not_wrapped(x64):
+    loss = jsoftmax.fused_linear_cross_entropy(
+        jnp.ones((1, 2)), jnp.ones((2, 3)), jnp.array([2**32 + 1], jnp.int64)
+    )
+    assert np.isnan(np.asarray(loss)).all()
