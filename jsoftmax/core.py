@@ -317,7 +317,8 @@ def logsumexp(
     Args:
       a: input array.
       axis: axis or axes to reduce: an int, a tuple of ints, or None (all).
-      b: optional weights broadcastable to ``a``; may be negative.
+      b: optional weights that broadcast against ``a`` (the result takes the
+        broadcast shape, as in jax.nn); may be negative; bool is 0 / 1.
       keepdims: keep the reduced axes with size 1.
       return_sign: also return the sign of the sum; the first output is then
         the log of its absolute value.

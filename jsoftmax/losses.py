@@ -212,7 +212,8 @@ def softmax_cross_entropy(
     # float16 / bfloat16 logits stay as they are (see core._canonical_args).
     x, out_dtype = as_real_array(name, logits, "logits", keep_low_precision=True)
     dtype = compute_dtype(x.dtype)
-    y, label_dtype = as_real_array(name, labels, "labels")
+    # Boolean labels are accepted as 0 / 1 probabilities, as optax does.
+    y, label_dtype = as_real_array(name, labels, "labels", allow_bool=True)
     try:
         target = np.broadcast_shapes(y.shape, x.shape)
     except ValueError:

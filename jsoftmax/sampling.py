@@ -115,8 +115,11 @@ def sample(
       temperature: t >= 0, a scalar or one per slice (batch shape); may be
         traced.
       top_k: keep only the k largest logits (a static Python int >= 1; ties
-        at the boundary go to the lower index). None keeps all.
-      top_p: nucleus mass in [0, 1], a scalar or one per slice; may be
+        at the boundary go to the lower index). None keeps all; a k larger
+        than the number of classes keeps all too, as in Hugging Face's
+        ``top_k`` filtering.
+      top_p: nucleus mass in [0, 1], a scalar or one per slice (the batch
+        shape, or the keepdims shape that ``temperature`` takes); may be
         traced. None (or 1) keeps all.
 
     Returns:
@@ -152,6 +155,11 @@ def sample(
             if np.isnan(values).any() or (values < 0).any() or (values > 1).any():
                 raise ValueError(f"{name}: top_p must be in [0, 1] (1 keeps all); got {top_p!r}")
         p = jnp.asarray(top_p, x.dtype)
+        keepdims = tuple(1 if i in sorted_axes else n for i, n in enumerate(x.shape))
+        if p.ndim == x.ndim and p.ndim > 0 and all(
+            a == b or a == 1 for a, b in zip(p.shape, keepdims, strict=True)
+        ):
+            p = jnp.squeeze(p, sorted_axes)  # the keepdims shape, as temperature takes
         try:
             p = jnp.broadcast_to(p, batch)[..., None]
         except ValueError as err:

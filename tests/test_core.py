@@ -839,3 +839,15 @@ def test_temperature_derivative_keeps_the_entropy_of_a_confident_slice():
         want = float(mpmath.log(1 + e) + 20 * e / (1 + e))
     got = jax.grad(lambda t: jsoftmax.logsumexp(jnp.array([0.0, -20.0]), temperature=t))(1.0)
     np.testing.assert_allclose(got, want, rtol=4e-6)
+
+
+def test_bool_weights_in_logsumexp_are_zero_one_as_in_jax_nn():
+    a = jnp.array([[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]])
+    b = np.array([[True, False, True], [False, True, True]])
+    np.testing.assert_allclose(
+        jsoftmax.logsumexp(a, axis=-1, b=b),
+        np.log(np.sum(np.exp(np.asarray(a, np.float64)) * b, axis=-1)), rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        jsoftmax.logsumexp(a, axis=-1, b=b), jax.nn.logsumexp(a, axis=-1, b=b), rtol=1e-6
+    )

@@ -767,3 +767,11 @@ def test_smoothing_on_logits_near_the_float32_range_stays_finite():
     got, grad = jax.value_and_grad(lambda x: integer_ce(x, jnp.array(3), label_smoothing=0.1))(x)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_bool_probability_labels_are_zero_one_as_in_optax():
+    x = jnp.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    labels = np.array([[True, False, False], [False, False, True]])
+    np.testing.assert_allclose(
+        dense_ce(x, labels), optax.softmax_cross_entropy(x, labels.astype(np.float32)), rtol=1e-6
+    )

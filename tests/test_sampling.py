@@ -262,3 +262,24 @@ def test_hard_gumbel_softmax_splits_evenly_among_infinite_logits():
     draws = jax.vmap(lambda k: jsoftmax.gumbel_softmax(k, x, hard=True))(keys)
     counts = np.asarray(draws.sum(0))
     assert counts[1] == 0 and abs(counts[0] - 1000) < 100 and counts.sum() == 2000
+
+
+def test_top_p_in_the_keepdims_shape_equals_the_batch_shape():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 6)), jnp.float32)
+    key = jax.random.key(2)
+    p = jnp.array([0.2, 0.5, 0.9])
+    np.testing.assert_array_equal(
+        sample(key, x, top_p=p[:, None]), sample(key, x, top_p=p)
+    )
+
+
+def test_top_k_larger_than_the_class_count_keeps_every_class():
+    # As Hugging Face's top-k filtering: min(k, classes). The same draws as
+    # no top_k at all would not hold (top_k reorders), so compare frequencies
+    # with the softmax over 4000 draws.
+    x = jnp.array([0.0, 1.0, -1.0])
+    keys = jax.random.split(jax.random.key(3), 4000)
+    draws = np.asarray(jax.vmap(lambda k: sample(k, x, top_k=10))(keys))
+    freq = np.bincount(draws, minlength=3) / 4000
+    p = np.exp([0.0, 1.0, -1.0]) / np.exp([0.0, 1.0, -1.0]).sum()
+    assert np.max(np.abs(freq - p)) < 0.03  # about 4 standard deviations
