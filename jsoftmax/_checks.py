@@ -87,7 +87,8 @@ def as_real_array(
             f"cast it first, e.g. {arg}.astype(jnp.float32)"
         )
     out_dtype = inexact_dtype(dtype)
-    arr = jnp.asarray(x)
+    # A jax.Array is used as it is: jnp.asarray would cost a dispatch per call.
+    arr = x if isinstance(x, jax.Array) else jnp.asarray(x)
     if arr.dtype != out_dtype:
         arr = arr.astype(out_dtype)
     return (arr if keep_low_precision else upcast(arr)), out_dtype
@@ -183,6 +184,79 @@ def reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, .
     return tuple(n for i, n in enumerate(shape) if i not in axes)
 
 
+def temperature_spec(
+    name: str,
+    temperature: ArrayLike,
+    shape: tuple[int, ...],
+    axes: tuple[int, ...],
+) -> tuple[ArrayLike | None, str]:
+    """Validates ``temperature`` from static information only and returns
+    ``(value, layout)`` for :func:`shaped_temperature`, which finishes the
+    job inside the jitted computation (no device operation happens here).
+
+    ``value`` is None for a concrete temperature of exactly 1 (the plain
+    function). ``layout`` is "scalar", "batch" (an array broadcastable to the
+    batch shape) or "keepdims" (the input's rank with size-1 reduced axes).
+    A concrete negative or NaN temperature raises ValueError; a traced one is
+    left for the computation, which turns it into NaN.
+    """
+    if temperature is None:
+        raise TypeError(f"{name}: temperature must be a number >= 0 or an array; got None")
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
+        # The common case, checked without NumPy.
+        if not temperature >= 0:
+            raise ValueError(
+                f"{name}: temperature must be >= 0 (0 is the hard max, inf is uniform); "
+                f"got {temperature!r}"
+            )
+        return (None if temperature == 1 else float(temperature)), "scalar"
+    concrete = not is_traced(temperature)
+    if concrete and not isinstance(temperature, jax.Array):
+        values = np.asarray(temperature)
+        if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)
+                or values.dtype == jnp.bfloat16):
+            raise TypeError(
+                f"{name}: temperature must be a real number or array; got {temperature!r}"
+            )
+        checked = values.astype(np.float64)
+        bad = checked[np.isnan(checked) | (checked < 0)]
+        if bad.size:
+            raise ValueError(
+                f"{name}: temperature must be >= 0 (0 is the hard max, inf is uniform); "
+                f"got {bad.ravel()[0]!r}"
+            )
+        if np.all(checked == 1):
+            return None, "scalar"
+        temperature = values
+    t_shape = tuple(np.shape(temperature))
+    batch = reduced_shape(shape, axes)
+    keepdims = tuple(1 if i in axes else n for i, n in enumerate(shape))
+    if not t_shape:
+        return temperature, "scalar"
+    if _broadcasts_to(t_shape, batch):
+        return temperature, "batch"
+    if len(t_shape) == len(shape) and _broadcasts_to(t_shape, keepdims):
+        return temperature, "keepdims"
+    raise ValueError(
+        f"{name}: temperature of shape {t_shape} does not broadcast against the batch "
+        f"shape {batch} (input shape {tuple(shape)} with axes {axes} reduced); pass a "
+        "scalar or one temperature per slice"
+    )
+
+
+def shaped_temperature(
+    value: ArrayLike | None, layout: str, shape: tuple[int, ...], axes: tuple[int, ...], dtype
+) -> jax.Array | None:
+    """The temperature of :func:`temperature_spec` as an array of ``dtype``
+    that broadcasts against the input (a scalar, or the keepdims shape)."""
+    if value is None:
+        return None
+    t = jnp.asarray(value).astype(dtype)
+    if layout == "batch":
+        t = jnp.expand_dims(jnp.broadcast_to(t, reduced_shape(shape, axes)), axes)
+    return t
+
+
 def canonicalize_temperature(
     name: str,
     temperature: ArrayLike,
@@ -190,49 +264,35 @@ def canonicalize_temperature(
     axes: tuple[int, ...],
     dtype: jnp.dtype,
 ) -> jax.Array | None:
-    """Validates ``temperature`` and shapes it to broadcast against the input.
+    """:func:`temperature_spec` and :func:`shaped_temperature` in one step,
+    for callers that are not on the eager fast path."""
+    value, layout = temperature_spec(name, temperature, shape, axes)
+    return shaped_temperature(value, layout, shape, axes, dtype)
 
-    Returns None for a concrete temperature of exactly 1 (the plain function),
-    otherwise an array of ``dtype`` that is either a scalar or has the input's
-    rank with size-1 reduced axes (one temperature per slice).
 
-    A concrete negative or NaN temperature raises ValueError; a traced one is
-    left for the computation, which turns it into NaN.
-    """
-    if temperature is None:
-        raise TypeError(f"{name}: temperature must be a number >= 0 or an array; got None")
-    if not is_traced(temperature):
-        values = np.asarray(temperature)
-        if not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)
-                or values.dtype == jnp.bfloat16):
-            raise TypeError(
-                f"{name}: temperature must be a real number or array; got {temperature!r}"
-            )
-        values = values.astype(np.float64)
-        bad = values[np.isnan(values) | (values < 0)]
-        if bad.size:
-            raise ValueError(
-                f"{name}: temperature must be >= 0 (0 is the hard max, inf is uniform); "
-                f"got {bad.ravel()[0]!r}"
-            )
-    t = jnp.asarray(temperature).astype(dtype)
-    batch = reduced_shape(shape, axes)
-    keepdims = tuple(1 if i in axes else n for i, n in enumerate(shape))
-    if t.ndim == 0:
-        out = t
-    elif _broadcasts_to(t.shape, batch):
-        out = jnp.expand_dims(jnp.broadcast_to(t, batch), axes)
-    elif len(t.shape) == len(shape) and _broadcasts_to(t.shape, keepdims):
-        out = t
-    else:
-        raise ValueError(
-            f"{name}: temperature of shape {t.shape} does not broadcast against the batch "
-            f"shape {batch} (input shape {tuple(shape)} with axes {axes} reduced); pass a "
-            "scalar or one temperature per slice"
-        )
-    if not is_traced(temperature) and np.all(np.asarray(temperature) == 1):
+def mask_spec(name: str, where: ArrayLike | None, shape: tuple[int, ...]) -> ArrayLike | None:
+    """Checks from its shape alone that ``where`` broadcasts to ``shape``;
+    :func:`shaped_mask` converts it inside the jitted computation."""
+    if where is None:
         return None
-    return out
+    mask_shape = tuple(np.shape(where))
+    if not _broadcasts_to(mask_shape, tuple(shape)):
+        raise ValueError(
+            f"{name}: where has shape {mask_shape}, which does not broadcast to the "
+            f"input shape {tuple(shape)}; give a boolean mask of the input's shape "
+            "(or one that broadcasts to it)"
+        )
+    return where
+
+
+def shaped_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
+    """``where`` as a boolean array of ``shape`` (None stays None)."""
+    if where is None:
+        return None
+    mask = jnp.asarray(where)
+    if mask.dtype != jnp.bool_:
+        mask = mask != 0
+    return jnp.broadcast_to(mask, shape)
 
 
 def _broadcasts_to(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:

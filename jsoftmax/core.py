@@ -21,12 +21,14 @@ from jsoftmax import _normalise as nz
 from jsoftmax._checks import (
     Axis,
     as_real_array,
-    broadcast_mask,
     canonicalize_axes,
-    canonicalize_temperature,
     compute_dtype,
     dtype_of,
     is_traced,
+    mask_spec,
+    shaped_mask,
+    shaped_temperature,
+    temperature_spec,
     upcast,
 )
 from jsoftmax._normalise import INF, AxisName
@@ -35,22 +37,25 @@ __all__ = ["log_softmax", "logsumexp", "softmax"]
 
 
 def _canonical_args(name, x, axis, where, temperature, arg="x"):
-    """The checks every public function starts with: ``(array, output dtype,
-    sorted axes, boolean mask or None, temperature or None)``.
+    """The checks every public function starts with, on static information
+    only: ``(array, output dtype, sorted axes, mask, temperature, layout)``.
+    The mask and the temperature are shaped inside the jitted computation
+    (``_shaped``), so that an eager call makes one dispatch.
 
     float16 and bfloat16 arrays stay as they are: ``_normalise.logits`` takes
     the slice max in the input dtype (exact there) and converts once.
     """
     arr, out_dtype = as_real_array(name, x, arg, keep_low_precision=True)
     axes = canonicalize_axes(name, axis, arr.ndim)
-    mask = broadcast_mask(name, where, arr.shape)
-    t = canonicalize_temperature(name, temperature, arr.shape, axes, compute_dtype(arr.dtype))
-    return arr, out_dtype, axes, mask, t
+    mask = mask_spec(name, where, arr.shape)
+    t, layout = temperature_spec(name, temperature, arr.shape, axes)
+    return arr, out_dtype, axes, mask, t, layout
 
 
-# --------------------------------------------------------------------------
-# softmax
-# --------------------------------------------------------------------------
+def _shaped(axes, layout, x, t, mask):
+    """The mask and temperature of ``_canonical_args``, inside the jit."""
+    t = shaped_temperature(t, layout, x.shape, tuple(axes), compute_dtype(x.dtype))
+    return t, shaped_mask(mask, x.shape)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -72,9 +77,9 @@ def _softmax_jvp(axes, primals, tangents):
     return probs, probs * (dz - nz.reduce_sum(probs * dz, axes))
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _softmax_jit(axes, dtype, x, t, mask):
-    return _softmax(axes, x, t, mask).astype(dtype)
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _softmax_jit(axes, dtype, layout, x, t, mask):
+    return _softmax(axes, x, *_shaped(axes, layout, x, t, mask)).astype(dtype)
 
 
 def softmax(
@@ -107,6 +112,9 @@ def softmax(
         shape (``x``'s shape without ``axis``), one temperature per slice.
         ``t = 0`` is the hard max (one-hot on the argmax, ties shared),
         ``t = inf`` is uniform over the included entries. Differentiable.
+        A negative or NaN Python or NumPy value raises ValueError; in a jax
+        array (traced or not, which is never read back to the host) it makes
+        its slices NaN.
       axis_name: name of a mesh axis (inside ``jax.shard_map``) over which
         the normalised axis is also sharded: each shard holds a slice of the
         classes, and the maximum and the sums become ``lax.pmax`` and
@@ -125,8 +133,8 @@ def softmax(
       >>> jsoftmax.softmax(jnp.array([1.0, 1.0, 0.0]), temperature=0.0)
       Array([0.5, 0.5, 0. ], dtype=float32)
     """
-    arr, out_dtype, axes, mask, t = _canonical_args("softmax", x, axis, where, temperature)
-    return _softmax_jit(nz.reduction(axes, axis_name), out_dtype, arr, t, mask)
+    arr, dtype, axes, mask, t, layout = _canonical_args("softmax", x, axis, where, temperature)
+    return _softmax_jit(nz.reduction(axes, axis_name), dtype, layout, arr, t, mask)
 
 
 # --------------------------------------------------------------------------
@@ -178,9 +186,9 @@ def _log_softmax_tangent(axes, out, dz):
     return jnp.where(out == -INF, 0.0, tangent)
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _log_softmax_jit(axes, dtype, x, t, mask):
-    return _log_softmax(axes, x, t, mask).astype(dtype)
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _log_softmax_jit(axes, dtype, layout, x, t, mask):
+    return _log_softmax(axes, x, *_shaped(axes, layout, x, t, mask)).astype(dtype)
 
 
 def log_softmax(
@@ -218,8 +226,10 @@ def log_softmax(
       >>> jsoftmax.log_softmax(jnp.array([10.0, 2.0, 10000.0, 4.0]))
       Array([-9990., -9998.,     0., -9996.], dtype=float32)
     """
-    arr, out_dtype, axes, mask, t = _canonical_args("log_softmax", x, axis, where, temperature)
-    return _log_softmax_jit(nz.reduction(axes, axis_name), out_dtype, arr, t, mask)
+    arr, dtype, axes, mask, t, layout = _canonical_args(
+        "log_softmax", x, axis, where, temperature
+    )
+    return _log_softmax_jit(nz.reduction(axes, axis_name), dtype, layout, arr, t, mask)
 
 
 # --------------------------------------------------------------------------
@@ -341,22 +351,29 @@ def logsumexp(
         return _complex_logsumexp(a, axis, b, keepdims, return_sign, where, temperature, axis_name)
     if b is not None:
         a, b = _broadcast_weights(a, b)
-    arr, out_dtype, axes, mask, t = _canonical_args("logsumexp", a, axis, where, temperature, "a")
+    arr, out_dtype, axes, mask, t, layout = _canonical_args(
+        "logsumexp", a, axis, where, temperature, "a"
+    )
     weights = None
     if b is not None:
         weights, b_dtype = as_real_array("logsumexp", b, "b", allow_bool=True)
         out_dtype = jnp.promote_types(out_dtype, b_dtype)
-        weights = weights.astype(compute_dtype(out_dtype))
     return _logsumexp_jit(
-        nz.reduction(axes, axis_name), out_dtype, keepdims, return_sign, arr, t, mask, weights
+        nz.reduction(axes, axis_name), out_dtype, keepdims, return_sign, layout,
+        arr, t, mask, weights,
     )
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _logsumexp_jit(axes, dtype, keepdims, return_sign, x, t, mask, b):
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _logsumexp_jit(axes, dtype, keepdims, return_sign, layout, x, t, mask, b):
+    t, mask = _shaped(axes, layout, x, t, mask)
+    if b is not None:
+        b = b.astype(compute_dtype(dtype))
     lse, sign = _logsumexp(axes, x, t, mask, b)
     if not return_sign and b is not None:  # without b the sum is never negative
-        lse = jnp.where(sign < 0, jnp.nan, lse)
+        # A select over a NaN constant; jax.nn wraps it the same way (jax-ml/jax#7634).
+        with jax.debug_nans(False):
+            lse = jnp.where(sign < 0, jnp.nan, lse)
     if not keepdims:
         lse, sign = jnp.squeeze(lse, tuple(axes)), jnp.squeeze(sign, tuple(axes))
     lse, sign = lse.astype(dtype), sign.astype(dtype)
