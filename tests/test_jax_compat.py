@@ -3,10 +3,10 @@
 
 Every case runs in the default mode and under x64 (the ``mode`` fixture).
 jax's ``testLogSumExp`` samples 10 cases of its product per run; here every
-(shapes, axis) configuration runs with every dtype, (keepdims, return_sign)
-rotating so that each configuration meets every flag pair under x64. To keep
-compiles few, one ``jax.jit`` per (mode, shapes, dtype) evaluates the group's
-cases, each its own pytest item compared against scipy.
+(shapes, axis) configuration runs in the floating dtype of each mode and every
+fourth in the complex and integer ones, (keepdims, return_sign) rotating. To
+keep compiles few, one ``jax.jit`` per (mode, shapes, dtype) evaluates the
+group's cases, each its own pytest item compared against scipy.
 """
 
 import functools
