@@ -86,16 +86,27 @@ def _psum(x, axis_name):
 # --------------------------------------------------------------------------
 
 
-def _dense_parts(axes, x, labels, t, mask):
-    """``(z, probs, surprisal, kept_labels)``: the logits, softmax, -log
-    softmax (+inf on excluded classes) and the labels with the classes that
-    ``where`` drops set to 0."""
-    z, _ = nz.logits(axes, x, t, mask)
-    norm = nz.normaliser(z, axes)
+def _dense_terms(x, labels, t, mask, shift, norm):
+    """``(probs, surprisal, kept_labels)`` of slices with ``shift`` and
+    normaliser ``norm``: softmax, -log softmax (+inf on excluded classes) and
+    the labels with the classes that ``where`` drops set to 0."""
+    z = nz.shifted(x, shift, t, mask)
     probs = nz.probabilities(z, norm.s)
     surprisal = -nz.log_probabilities(z, norm.log_s)
     kept = labels if mask is None else jnp.where(mask, labels, 0.0)
-    return z, probs, surprisal, kept
+    return probs, surprisal, kept
+
+
+def _dense_parts(axes, x, labels, t, mask):
+    """``(loss, shift, norm)``: sum_j l_j (log s - z_j) over the kept
+    classes, with the slice's shift and normaliser."""
+    shift = nz.slice_shift(axes, x, t, mask)
+    norm = nz.normaliser(nz.shifted(x, shift, t, mask), axes)
+    _, surprisal, kept = _dense_terms(x, labels, t, mask, shift, norm)
+    terms = jnp.where(kept == 0, 0.0, kept * surprisal)
+    loss = nz.reduce_sum(terms, axes, keepdims=False)
+    nothing = jnp.squeeze(norm.s == 0, tuple(axes))
+    return jnp.where(nothing, 0.0, loss), shift, norm
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -103,33 +114,39 @@ def _dense_cross_entropy(axes, x, labels, t, mask):
     """sum_j l_j (log s - z_j) over the kept classes. A zero label costs 0
     (0 log 0 = 0), a positive label on a class of probability 0 costs +inf
     (a negative one -inf); a slice with nothing included costs 0."""
-    z, _, surprisal, kept = _dense_parts(axes, x, labels, t, mask)
-    terms = jnp.where(kept == 0, 0.0, kept * surprisal)
-    loss = nz.reduce_sum(terms, axes, keepdims=False)
-    nothing = nz.reduce_max(z, axes, keepdims=False) == -INF
-    return jnp.where(nothing, 0.0, loss)
+    return _dense_parts(axes, x, labels, t, mask)[0]
+
+
+def _dense_tangent(axes, x, labels, t, mask, shift, norm, dx, dlabels, dt):
+    """sum_j (L p_j - l_j) dz_j + sum_j (log s - z_j) dl_j over the included
+    classes (L the kept label mass), from x and the per-slice shift and
+    normaliser (checkpointed by the caller: no residual of x's shape)."""
+    probs, surprisal, kept = _dense_terms(x, labels, t, mask, shift, norm)
+    included = surprisal != INF
+    out = jnp.zeros(norm.s.shape, norm.s.dtype)
+    dz = nz.tangent_logits(nz.shifted(x, shift, t, mask), t, dx, dt)
+    if dz is not None:
+        mass = nz.reduce_sum(kept, axes)
+        out = out + nz.reduce_sum(jnp.where(included, mass * probs - kept, 0.0) * dz, axes)
+    if dlabels is not None:
+        dl = dlabels if mask is None else jnp.where(mask, dlabels, 0.0)
+        out = out + nz.reduce_sum(jnp.where(included, surprisal, 0.0) * dl, axes)
+    return jnp.squeeze(out, tuple(axes))
 
 
 @partial(_dense_cross_entropy.defjvp, symbolic_zeros=True)
 def _dense_cross_entropy_jvp(axes, primals, tangents):
-    """d loss = sum_j (L p_j - l_j) dz_j + sum_j (log s - z_j) dl_j over the
-    included classes (L the kept label mass); 0 on excluded classes, and the
-    derivative in a label on a class of probability 0 is taken as 0."""
+    """The derivative of :func:`_dense_tangent`; the derivative in a label on
+    a class of probability 0 is taken as 0, and an infinite loss is a
+    constant."""
     x, labels, t, mask = primals
     dx, dlabels, dt = (nz.tangent_value(v) for v in tangents[:3])
-    loss = _dense_cross_entropy(axes, x, labels, t, mask)
-    z, probs, surprisal, kept = _dense_parts(axes, x, labels, t, mask)
-    included = surprisal != INF
-    out = jnp.zeros_like(loss)
-    dz = nz.tangent_logits(z, t, dx, dt)
-    if dz is not None:
-        mass = nz.reduce_sum(kept, axes)
-        coefficient = jnp.where(included, mass * probs - kept, 0.0)
-        out = out + nz.reduce_sum(coefficient * dz, axes, keepdims=False)
-    if dlabels is not None:
-        dl = dlabels if mask is None else jnp.where(mask, dlabels, 0.0)
-        out = out + nz.reduce_sum(jnp.where(included, surprisal, 0.0) * dl, axes, keepdims=False)
-    # An infinite loss is a constant (0 * out keeps a NaN of the example NaN).
+    loss, shift, norm = _dense_parts(axes, x, labels, t, mask)
+    if dx is None and dlabels is None and dt is None:
+        return loss, jnp.zeros_like(loss)
+    tangent = jax.checkpoint(partial(_dense_tangent, axes), prevent_cse=False)
+    out = tangent(x, labels, t, mask, shift, norm, dx, dlabels, dt)
+    # 0 * out keeps a NaN of the example NaN.
     return loss, jnp.where(jnp.isinf(loss), 0.0 * out, out)
 
 
