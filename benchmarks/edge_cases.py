@@ -226,7 +226,7 @@ def _edges() -> list[Edge]:
         Edge("bfloat16 long row", "abs(sum(softmax(bf16 row of 50000)) - 1)",
              "<= 2^-9 = 0.001953",
              bf16_row_sum, _at_most(2.0**-9)),
-        Edge("float64 small gradient (issue 2 item 8)",
+        Edge("float64 small gradient (jax-ml/jax#40384)",
              "grad log_softmax(z)[0], z = [37.42994775023705, 0]",
              "[5.551e-17, -5.551e-17]",
              small_gradient, _close([s_z[1], -s_z[1]], rtol=1e-9)),

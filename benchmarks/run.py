@@ -81,7 +81,7 @@ def _pairs() -> list[Pair]:
         Pair("logsumexp", "jax.nn", lambda x, _: jsoftmax.logsumexp(x, axis=-1),
              lambda x, _: jax.nn.logsumexp(x, axis=-1)),
     ]
-    # The cross-entropies come with issue 3; they join the benchmark once they exist.
+    # The cross-entropies join the benchmark where the package has them.
     if hasattr(jsoftmax, "softmax_cross_entropy"):
         pairs.append(Pair(
             "softmax_cross_entropy", "optax", jsoftmax.softmax_cross_entropy,

@@ -1,4 +1,4 @@
-"""Tests for softmax, log_softmax and logsumexp (issue 2's contract).
+"""Tests for softmax, log_softmax and logsumexp (the edge contract).
 
 References are float64 NumPy or mpmath, never the functions under test.
 """

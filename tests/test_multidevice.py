@@ -1,7 +1,7 @@
 """Runs tests/multidevice/ on 4 simulated CPU devices in a subprocess.
 
 XLA reads the device count once, when JAX starts, so the flag cannot be set
-inside this session without disturbing every other test.
+inside this test process without disturbing every other test.
 """
 
 import os
