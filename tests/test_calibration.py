@@ -31,3 +31,16 @@ def test_fit_temperature_interior_optimum_against_a_grid():
 
     best = grid[np.argmin([nll(t) for t in grid])]
     np.testing.assert_allclose(got, best, rtol=2e-3)
+
+
+def test_calibration_on_constants_under_jit():
+    # Closed over as constants, built inside jit, or passed as arguments: one result.
+    import jax
+
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 1.5, 0.3], [1.0, 1.0, 3.0], [0.0, -2.0, 1.0]],
+                      np.float32)
+    labels = np.array([0, 1, 2, 0])
+    for fn in (jsoftmax.fit_temperature, jsoftmax.expected_calibration_error):
+        want = np.asarray(fn(jnp.asarray(logits), jnp.asarray(labels)))
+        np.testing.assert_allclose(jax.jit(lambda f=fn: f(logits, labels))(), want, rtol=1e-5)
+        np.testing.assert_allclose(jax.jit(fn)(logits, labels), want, rtol=1e-5)

@@ -369,3 +369,17 @@ def test_int64_label_out_of_range_is_nan_not_wrapped(x64):
         jnp.ones((1, 2)), jnp.ones((2, 3)), jnp.array([2**32 + 1], jnp.int64)
     )
     assert np.isnan(np.asarray(loss)).all()
+
+
+def test_fused_loss_on_constants_under_jit():
+    h = np.array([[1.0, 0.5], [-0.3, 2.0], [0.0, 0.0]], np.float32)
+    w = np.array([[1.0, -2.0, 0.5, 3.0], [0.2, 0.1, -1.0, 1e4]], np.float32)
+    labels = np.array([0, 3, 1])
+    f = lambda h, w: fused_linear_cross_entropy(h, w, labels)
+    want = np.asarray(f(jnp.asarray(h), jnp.asarray(w)))
+    logits = h.astype(np.float64) @ w.astype(np.float64)
+    m = logits.max(1, keepdims=True)
+    ref = (m[:, 0] + np.log(np.exp(logits - m).sum(1))) - logits[np.arange(3), labels]
+    np.testing.assert_allclose(want, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(lambda: f(h, w))(), want, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(f)(h, w), want, rtol=1e-6)

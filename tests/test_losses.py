@@ -775,3 +775,11 @@ def test_bool_probability_labels_are_zero_one_as_in_optax():
     np.testing.assert_allclose(
         dense_ce(x, labels), optax.softmax_cross_entropy(x, labels.astype(np.float32)), rtol=1e-6
     )
+
+
+def test_negative_zero_temperature_is_the_hard_max_in_both_losses():
+    x = jnp.array([[1.0, 3.0, 0.0]])
+    np.testing.assert_array_equal(
+        dense_ce(x, jnp.array([[0.0, 1.0, 0.0]]), temperature=-0.0), [0.0]
+    )
+    np.testing.assert_array_equal(integer_ce(x, jnp.array([1]), temperature=-0.0), [0.0])

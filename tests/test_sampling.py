@@ -283,3 +283,25 @@ def test_top_k_larger_than_the_class_count_keeps_every_class():
     freq = np.bincount(draws, minlength=3) / 4000
     p = np.exp([0.0, 1.0, -1.0]) / np.exp([0.0, 1.0, -1.0]).sum()
     assert np.max(np.abs(freq - p)) < 0.03  # about 4 standard deviations
+
+
+def test_sampling_on_constants_under_jit():
+    x = np.array([[0.5, 2.0, -jnp.inf, 1.0], [jnp.inf, 0.0, jnp.inf, 1.0]], np.float32)
+    key = jax.random.key(4)
+    for f in (
+        lambda x: sample(key, x), lambda x: sample(key, x, temperature=0.5, top_k=2),
+        lambda x: gumbel_softmax(key, x, temperature=0.5),
+        lambda x: gumbel_softmax(key, x, hard=True),
+    ):
+        want = np.asarray(f(jnp.asarray(x)))
+        np.testing.assert_allclose(np.asarray(jax.jit(lambda f=f: f(x))()), want, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(jax.jit(f)(x)), want, rtol=1e-6)
+
+
+def test_negative_zero_temperature_is_greedy():
+    x = jnp.array([[1.0, 3.0, 0.0]])
+    key = jax.random.key(0)
+    got = gumbel_softmax(key, x, temperature=-0.0)
+    np.testing.assert_array_equal(got, gumbel_softmax(key, x, temperature=0.0))
+    assert np.asarray(got).sum() == 1.0
+    np.testing.assert_array_equal(sample(jax.random.key(0), x, temperature=-0.0), [1])
