@@ -76,11 +76,6 @@ def _label_smoothing(name: str, alpha: ArrayLike, dtype) -> jax.Array | None:
     return jnp.asarray(alpha, dtype)
 
 
-def _psum(x, axis_name):
-    """The sum over the shards of a vocab-parallel call (``x`` when unsharded)."""
-    return x if axis_name is None else lax.psum(x, axis_name)
-
-
 # --------------------------------------------------------------------------
 # softmax_cross_entropy (probability labels)
 # --------------------------------------------------------------------------
@@ -150,24 +145,15 @@ def _dense_cross_entropy_jvp(axes, primals, tangents):
     return loss, jnp.where(jnp.isinf(loss), 0.0 * out, out)
 
 
-def _smoothed(axes, labels, mask, alpha, dtype):
+def _smoothed(axes, labels, mask, alpha):
     """optax.smooth_labels: (1 - a) labels + a / K over the K kept classes."""
-    if mask is None:
-        count = jnp.asarray(np.prod([labels.shape[a] for a in axes]), dtype)
-        name = getattr(axes, "axis_name", None)
-        if name is not None:
-            count = count * lax.axis_size(name)
-        uniform = 1.0 / count
-    else:
-        count = nz.reduce_sum(mask.astype(dtype), axes)
-        uniform = jnp.where(mask, 1.0 / nz.safe_normaliser(count), 0.0)
-    return (1.0 - alpha) * labels + alpha * uniform
+    return (1.0 - alpha) * labels + alpha * _kept_weights(axes, labels.shape, mask)
 
 
 @partial(jax.jit, static_argnums=(0,))
 def _dense_cross_entropy_jit(axes, x, labels, mask, t, alpha):
     if alpha is not None:
-        labels = _smoothed(axes, labels, mask, alpha, labels.dtype)
+        labels = _smoothed(axes, labels, mask, alpha)
     return _dense_cross_entropy(axes, x, labels, t, mask)
 
 
