@@ -265,7 +265,7 @@ def canonicalize_temperature(
     dtype: jnp.dtype,
 ) -> jax.Array | None:
     """:func:`temperature_spec` and :func:`shaped_temperature` in one step,
-    for callers that are not on the eager fast path."""
+    for callers that shape the temperature before their jitted call."""
     value, layout = temperature_spec(name, temperature, shape, axes)
     return shaped_temperature(value, layout, shape, axes, dtype)
 

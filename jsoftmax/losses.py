@@ -212,7 +212,7 @@ def softmax_cross_entropy(
       Array(0., dtype=float32)
     """
     name = "softmax_cross_entropy"
-    # float16 / bfloat16 logits stay as they are (see core._canonical_args).
+    # float16 / bfloat16 logits stay as they are (reduced in their own dtype).
     x, out_dtype = as_real_array(name, logits, "logits", keep_low_precision=True)
     dtype = compute_dtype(x.dtype)
     # Boolean labels are accepted as 0 / 1 probabilities, as optax does.
@@ -427,7 +427,7 @@ def softmax_cross_entropy_with_integer_labels(
       Array([0.2761297, 0.       ], dtype=float32)
     """
     name = "softmax_cross_entropy_with_integer_labels"
-    # float16 / bfloat16 logits stay as they are (see core._canonical_args).
+    # float16 / bfloat16 logits stay as they are (reduced in their own dtype).
     x, out_dtype = as_real_array(name, logits, "logits", keep_low_precision=True)
     dtype = compute_dtype(x.dtype)
     axes, sorted_axes, batch_axes = class_layout(name, axis, x.ndim)

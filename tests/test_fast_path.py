@@ -1,9 +1,9 @@
-"""The select-free fast path of the core (t = 1, no mask, no weights) against
-float64 NumPy, on arrays large enough for XLA's fused CPU kernels.
+"""The core at t = 1, no mask, no weights against float64 NumPy, on arrays
+large enough for XLA's fused CPU kernels.
 
 XLA compiles large reductions differently from the small arrays of
-tests/test_core.py, so the edge handling of the fast path is checked here at
-sizes where it actually runs fused.
+tests/test_core.py (and its fused max has dropped NaN at some widths), so the
+edge handling is checked here at sizes where it actually runs fused.
 """
 
 import jax
@@ -66,8 +66,7 @@ def _reference(name, x):
     return (m + log_total)[:, 0]
 
 
-# 1024 and 2048 straddle core._LONG_SLICE: log_softmax's forward counts the
-# entries at the max in two ways on either side.
+# Widths at which XLA:CPU has chosen different kernels for these reductions.
 @pytest.fixture(
     scope="module", params=[1024, 2048, 40000], ids=["rows1024", "rows2048", "rows40000"]
 )

@@ -252,7 +252,7 @@ def test_dense_fast_path_signed_labels_on_excluded_classes():
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_dense_fast_path_matches_reference_at_every_edge(jit):
-    # No mask, t = 1, no smoothing: the select-free fast path. Rows cover a
+    # No mask, t = 1, no smoothing. Rows cover a
     # -inf logit with label 0 and with label 1, a row of -inf, +inf logits
     # with the label on and off them, and a NaN.
     x, onehot = _dense_edge_batch()
@@ -266,7 +266,7 @@ def test_dense_fast_path_matches_reference_at_every_edge(jit):
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_integer_fast_path_matches_reference_at_every_edge(jit):
-    # No mask, t = 1, no smoothing: the fast path. The edge batch's rows: a
+    # No mask, t = 1, no smoothing. The edge batch's rows: a
     # -inf logit, the label's logit -inf, a row of -inf, the label on +inf,
     # two +inf off the label, a NaN, labels out of range, a three-way tie.
     x, labels, _ = _edge_batch()
