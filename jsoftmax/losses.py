@@ -9,9 +9,9 @@ with no class left (every class masked out or -inf) costs 0 with zero
 gradient. ``temperature`` and ``label_smoothing`` are keyword-only.
 
 The integer-label loss never builds a one-hot or a log-probability array of
-the logits' shape: it is one masked ``logsumexp`` of the logits shifted by the
-label's logit, so its compiled temporary memory stays at the size of the
-batch (see the README for the measured comparison with optax).
+the logits' shape: it is log s - z_y on the shared logits of
+``jsoftmax._normalise``, and its gradient is recomputed from the logits and
+two numbers per example (see the README for the measured memory).
 """
 
 from __future__ import annotations
@@ -386,8 +386,8 @@ def softmax_cross_entropy_with_integer_labels(
     ``optax.losses.softmax_cross_entropy_with_integer_labels`` (same
     positional arguments, shapes and values) that equals
     ``-log_softmax(logits, axis, where, temperature=t)[label]`` at every
-    edge, computed as one masked :func:`logsumexp` so that no array of the
-    logits' shape is kept for the backward pass. A label on a class that is
+    edge, computed as log s - z_y on the shared logits so that no array of
+    the logits' shape is kept for the backward pass (without smoothing). A label on a class that is
     excluded (``where`` False or logit -inf) costs +inf; an example with every
     class excluded costs 0 with zero gradient (whatever its label); a label
     outside ``[0, num_classes)`` gives NaN for that example, also under jit.
