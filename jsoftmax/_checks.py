@@ -94,6 +94,39 @@ def as_real_array(
     return (arr if keep_low_precision else upcast(arr)), out_dtype
 
 
+def host_array(value: ArrayLike) -> ArrayLike:
+    """``value`` ready to pass to a jitted function without a device
+    operation: JAX arrays (and tracers) and NumPy arrays as they are, any
+    other array-like (a list, a Python number) as a NumPy array."""
+    if isinstance(value, (jax.Array, np.ndarray)):
+        return value
+    return np.asarray(value)
+
+
+def real_spec(
+    name: str, x: ArrayLike, arg: str = "x", *, allow_bool: bool = False
+) -> tuple[ArrayLike, jnp.dtype]:
+    """The checks of :func:`as_real_array` on static information only:
+    ``(value, out_dtype)`` with ``value`` from :func:`host_array`, for
+    :func:`cast_real` to convert inside the jitted computation."""
+    dtype = dtype_of(name, x, arg)
+    real = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    if not (real or (allow_bool and dtype == jnp.bool_)):
+        raise TypeError(
+            f"{name}: {arg} has dtype {dtype}, which is not a real number type; "
+            f"cast it first, e.g. {arg}.astype(jnp.float32)"
+        )
+    return host_array(x), inexact_dtype(dtype)
+
+
+def cast_real(x: ArrayLike, out_dtype, *, keep_low_precision: bool = False) -> jax.Array:
+    """The array of :func:`real_spec` in ``out_dtype``, and (unless
+    ``keep_low_precision``) in the dtype we compute in, as
+    :func:`as_real_array` returns it."""
+    arr = jnp.asarray(x).astype(out_dtype)
+    return arr if keep_low_precision else upcast(arr)
+
+
 def canonicalize_axes(name: str, axis: Axis, ndim: int) -> tuple[int, ...]:
     """Turns ``axis`` (int, sequence of ints or None) into a sorted tuple of
     non-negative ints, rejecting out-of-range and duplicate axes."""

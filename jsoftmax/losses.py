@@ -27,15 +27,19 @@ from jax.typing import ArrayLike
 from jsoftmax import _normalise as nz
 from jsoftmax._checks import (
     Axis,
-    as_real_array,
-    broadcast_mask,
+    _broadcasts_to,
     canonicalize_axes,
-    canonicalize_temperature,
+    cast_real,
     class_layout,
     classes_last,
     compute_dtype,
+    host_array,
     is_traced,
+    real_spec,
+    shaped_mask,
+    shaped_temperature,
     temperature_per_row,
+    temperature_spec,
     widen_labels,
 )
 from jsoftmax._normalise import INF, AxisName
@@ -43,37 +47,69 @@ from jsoftmax._normalise import INF, AxisName
 __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
 
 
-
 # --------------------------------------------------------------------------
 # Argument handling shared by both losses.
 # --------------------------------------------------------------------------
 
 
-def _loss_mask(name: str, where: ArrayLike | None, shape, axes) -> jax.Array | None:
-    """``where`` of the logits' shape, or of the batch shape (as optax accepts)."""
+def _loss_mask_spec(name: str, where: ArrayLike | None, shape, axes):
+    """``(where, expand)``: ``where`` of the logits' shape, or of the batch
+    shape (as optax accepts; ``expand`` says so), checked from its shape
+    alone; :func:`_shaped_loss_mask` converts it inside the jit."""
+    if where is None:
+        return None, False
+    mask_shape = tuple(np.shape(where))
+    expand = len(mask_shape) != len(shape) and len(mask_shape) == len(shape) - len(axes)
+    if expand:
+        mask_shape = _expanded(mask_shape, axes)
+    if not _broadcasts_to(mask_shape, tuple(shape)):
+        raise ValueError(
+            f"{name}: where has shape {mask_shape}, which does not broadcast to the "
+            f"input shape {tuple(shape)}; give a boolean mask of the input's shape "
+            "(or one that broadcasts to it)"
+        )
+    return host_array(where), expand
+
+
+def _expanded(shape, axes):
+    """``shape`` with size-1 axes inserted at ``axes`` (``jnp.expand_dims``)."""
+    out = list(shape)
+    for a in sorted(axes):
+        out.insert(a, 1)
+    return tuple(out)
+
+
+def _shaped_loss_mask(where, expand, shape, axes):
+    """The mask of :func:`_loss_mask_spec` as a boolean array of ``shape``."""
     if where is None:
         return None
     mask = jnp.asarray(where)
-    if mask.ndim != len(shape) and mask.ndim == len(shape) - len(axes):
-        mask = jnp.expand_dims(mask, axes)
-    return broadcast_mask(name, mask, shape)
+    if expand:
+        mask = jnp.expand_dims(mask, tuple(axes))
+    return shaped_mask(mask, shape)
 
 
-def _label_smoothing(name: str, alpha: ArrayLike, dtype) -> jax.Array | None:
-    """None for a concrete 0, else a scalar array; concrete values in [0, 1]."""
-    if jnp.ndim(alpha) != 0:
+def _label_smoothing(name: str, alpha: ArrayLike) -> ArrayLike | None:
+    """None for a concrete 0, else ``alpha`` for :func:`_alpha` to convert
+    inside the jit; concrete values must be in [0, 1]."""
+    if np.ndim(alpha) != 0:
         raise ValueError(
-            f"{name}: label_smoothing must be a scalar in [0, 1]; got shape {jnp.shape(alpha)}"
+            f"{name}: label_smoothing must be a scalar in [0, 1]; got shape {np.shape(alpha)}"
         )
-    if not is_traced(alpha):
-        value = float(np.asarray(alpha))
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(
-                f"{name}: label_smoothing must be in [0, 1] (0 is no smoothing); got {value!r}"
-            )
-        if value == 0.0:
-            return None
-    return jnp.asarray(alpha, dtype)
+    if is_traced(alpha):
+        return alpha
+    # A Python number is read without NumPy; an array (rare here) is read back.
+    value = float(alpha) if isinstance(alpha, (int, float)) else float(np.asarray(alpha))
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"{name}: label_smoothing must be in [0, 1] (0 is no smoothing); got {value!r}"
+        )
+    return None if value == 0.0 else host_array(alpha)
+
+
+def _alpha(alpha, dtype):
+    """The smoothing of :func:`_label_smoothing` as a scalar of ``dtype``."""
+    return None if alpha is None else jnp.asarray(alpha, dtype)
 
 
 # --------------------------------------------------------------------------
@@ -150,11 +186,20 @@ def _smoothed(axes, labels, mask, alpha):
     return (1.0 - alpha) * labels + alpha * _kept_weights(axes, labels.shape, mask)
 
 
-@partial(jax.jit, static_argnums=(0,))
-def _dense_cross_entropy_jit(axes, x, labels, mask, t, alpha):
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _dense_cross_entropy_jit(axes, dtypes, layout, expand, shape, x, labels, where, t, alpha):
+    """Everything a call does on the device: the conversions of the checked
+    arguments, the (smoothed) labels and the loss, in one computation."""
+    out_dtype, label_dtype, result_dtype = dtypes
+    x = cast_real(x, out_dtype, keep_low_precision=True)
+    dtype = compute_dtype(x.dtype)
+    labels = jnp.broadcast_to(cast_real(labels, label_dtype).astype(dtype), shape)
+    mask = _shaped_loss_mask(where, expand, shape, axes)
+    t = shaped_temperature(t, layout, shape, tuple(axes), dtype)
+    alpha = _alpha(alpha, dtype)
     if alpha is not None:
         labels = _smoothed(axes, labels, mask, alpha)
-    return _dense_cross_entropy(axes, x, labels, t, mask)
+    return _dense_cross_entropy(axes, x, labels, t, mask).astype(result_dtype)
 
 
 def softmax_cross_entropy(
@@ -212,28 +257,25 @@ def softmax_cross_entropy(
       Array(0., dtype=float32)
     """
     name = "softmax_cross_entropy"
-    # float16 / bfloat16 logits stay as they are (reduced in their own dtype).
-    x, out_dtype = as_real_array(name, logits, "logits", keep_low_precision=True)
-    dtype = compute_dtype(x.dtype)
+    # Checks on static information only: the device work is one jitted call.
+    x, out_dtype = real_spec(name, logits, "logits")
     # Boolean labels are accepted as 0 / 1 probabilities, as optax does.
-    y, label_dtype = as_real_array(name, labels, "labels", allow_bool=True)
-    try:
-        target = np.broadcast_shapes(y.shape, x.shape)
-    except ValueError:
-        target = None
-    if target != x.shape:
+    y, label_dtype = real_spec(name, labels, "labels", allow_bool=True)
+    shape, y_shape = tuple(np.shape(x)), tuple(np.shape(y))
+    if not _broadcasts_to(y_shape, shape):
         raise ValueError(
-            f"{name}: labels of shape {y.shape} do not broadcast to the logits' shape "
-            f"{x.shape}; give one probability per logit (for class indices use "
+            f"{name}: labels of shape {y_shape} do not broadcast to the logits' shape "
+            f"{shape}; give one probability per logit (for class indices use "
             "softmax_cross_entropy_with_integer_labels)"
         )
-    axes = canonicalize_axes(name, axis, x.ndim)
-    mask = _loss_mask(name, where, x.shape, axes)
-    t = canonicalize_temperature(name, temperature, x.shape, axes, dtype)
-    alpha = _label_smoothing(name, label_smoothing, dtype)
-    y = jnp.broadcast_to(y.astype(dtype), x.shape)
-    loss = _dense_cross_entropy_jit(nz.reduction(axes, axis_name), x, y, mask, t, alpha)
-    return loss.astype(jnp.promote_types(out_dtype, label_dtype))
+    axes = canonicalize_axes(name, axis, len(shape))
+    mask, expand = _loss_mask_spec(name, where, shape, axes)
+    t, layout = temperature_spec(name, temperature, shape, axes)
+    alpha = _label_smoothing(name, label_smoothing)
+    dtypes = (out_dtype, label_dtype, jnp.promote_types(out_dtype, label_dtype))
+    return _dense_cross_entropy_jit(
+        nz.reduction(axes, axis_name), dtypes, layout, expand, shape, x, y, mask, t, alpha
+    )
 
 
 # --------------------------------------------------------------------------
@@ -361,9 +403,24 @@ def _integer_cross_entropy_jvp(axes, primals, tangents):
     return loss, jnp.where(moves, out, 0.0 * out)
 
 
-@partial(jax.jit, static_argnums=(0,))
-def _integer_cross_entropy_jit(axes, x, labels, mask, t, alpha):
-    return _integer_cross_entropy(axes, x, labels, t, mask, alpha)[..., 0]
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _integer_cross_entropy_jit(axis_name, layout_axes, out_dtype, layout, expand,
+                               x, labels, where, t, alpha):
+    """Everything a call does on the device, in one computation: the
+    conversions, the classes moved last and merged into one axis, the loss."""
+    axes, sorted_axes, batch_axes = layout_axes
+    x = cast_real(x, out_dtype, keep_low_precision=True)
+    dtype = compute_dtype(x.dtype)
+    mask = _shaped_loss_mask(where, expand, x.shape, sorted_axes)
+    t = shaped_temperature(t, layout, x.shape, sorted_axes, dtype)
+    alpha = _alpha(alpha, dtype)
+    x = classes_last(x, batch_axes, axes)
+    if mask is not None:
+        mask = classes_last(mask, batch_axes, axes)
+    t = temperature_per_row(t, sorted_axes)
+    reduction = nz.reduction((x.ndim - 1,), axis_name)
+    loss = _integer_cross_entropy(reduction, x, widen_labels(jnp.asarray(labels)), t, mask, alpha)
+    return loss[..., 0].astype(out_dtype)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -427,39 +484,33 @@ def softmax_cross_entropy_with_integer_labels(
       Array([0.2761297, 0.       ], dtype=float32)
     """
     name = "softmax_cross_entropy_with_integer_labels"
-    # float16 / bfloat16 logits stay as they are (reduced in their own dtype).
-    x, out_dtype = as_real_array(name, logits, "logits", keep_low_precision=True)
-    dtype = compute_dtype(x.dtype)
-    axes, sorted_axes, batch_axes = class_layout(name, axis, x.ndim)
+    # Checks on static information only: the device work is one jitted call.
+    x, out_dtype = real_spec(name, logits, "logits")
+    shape = tuple(np.shape(x))
+    axes, sorted_axes, batch_axes = class_layout(name, axis, len(shape))
     if axis_name is not None and len(axes) != 1:
         raise ValueError(
             f"{name}: with axis_name the classes must be one axis (the sharded one); "
             f"got axis={axis!r}"
         )
-    batch_shape = tuple(x.shape[i] for i in batch_axes)
-    label_dtype = getattr(labels, "dtype", None)
-    if label_dtype is None:
-        label_dtype = np.asarray(labels).dtype
-    if not jnp.issubdtype(label_dtype, jnp.integer):
+    batch_shape = tuple(shape[i] for i in batch_axes)
+    y = host_array(labels)
+    if not jnp.issubdtype(y.dtype, jnp.integer):
         raise TypeError(
-            f"{name}: labels must be integer class indices; got dtype {label_dtype}. "
+            f"{name}: labels must be integer class indices; got dtype {y.dtype}. "
             "Cast them (labels.astype(jnp.int32)), or use softmax_cross_entropy for "
             "probability labels"
         )
-    y = widen_labels(jnp.asarray(labels))
     if y.shape != batch_shape:
         raise ValueError(
             f"{name}: labels have shape {y.shape} but the logits' batch shape is "
-            f"{batch_shape} (logits shape {x.shape} without axis {axes}); give one "
+            f"{batch_shape} (logits shape {shape} without axis {axes}); give one "
             "class index per example"
         )
-    mask = _loss_mask(name, where, x.shape, sorted_axes)
-    t = canonicalize_temperature(name, temperature, x.shape, sorted_axes, dtype)
-    alpha = _label_smoothing(name, label_smoothing, dtype)
-    x = classes_last(x, batch_axes, axes)
-    if mask is not None:
-        mask = classes_last(mask, batch_axes, axes)
-    t = temperature_per_row(t, sorted_axes)
-    axes = nz.reduction((x.ndim - 1,), axis_name)
-    loss = _integer_cross_entropy_jit(axes, x, y, mask, t, alpha)
-    return loss.astype(out_dtype)
+    mask, expand = _loss_mask_spec(name, where, shape, sorted_axes)
+    t, layout = temperature_spec(name, temperature, shape, sorted_axes)
+    alpha = _label_smoothing(name, label_smoothing)
+    return _integer_cross_entropy_jit(
+        axis_name, (axes, sorted_axes, batch_axes), out_dtype, layout, expand, x, y, mask, t,
+        alpha,
+    )
