@@ -8,6 +8,8 @@ temperature limits behave as they do there.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,14 +17,19 @@ from jax.typing import ArrayLike
 
 from jsoftmax._checks import (
     Axis,
-    as_real_array,
-    broadcast_mask,
-    canonicalize_temperature,
+    _broadcasts_to,
+    cast_real,
     class_layout,
     classes_last,
+    host_array,
     is_traced,
+    mask_spec,
+    real_spec,
     reduced_shape,
+    shaped_mask,
+    shaped_temperature,
     temperature_per_row,
+    temperature_spec,
 )
 from jsoftmax.core import log_softmax, softmax
 
@@ -77,7 +84,24 @@ def _sample(key, x, mask, t, top_k, top_p):
     return jnp.where(empty, -1, drawn).astype(jnp.int32)
 
 
-_sample_jit = jax.jit(_sample, static_argnums=(4,))
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _sample_jit(layout_axes, out_dtype, layout, squeeze_p, top_k, key, x, where, t, p):
+    """Everything a call of :func:`sample` does on the device: the
+    conversions, the classes moved last and merged, and the draw."""
+    axes, sorted_axes, batch_axes = layout_axes
+    x = cast_real(x, out_dtype)
+    shape = x.shape
+    mask = shaped_mask(where, shape)
+    t = shaped_temperature(t, layout, shape, sorted_axes, x.dtype)
+    if p is not None:
+        p = jnp.asarray(p).astype(x.dtype)
+        if squeeze_p:
+            p = jnp.squeeze(p, sorted_axes)  # the keepdims shape, as temperature takes
+        p = jnp.broadcast_to(p, reduced_shape(shape, sorted_axes))[..., None]
+    x = classes_last(x, batch_axes, axes)
+    if mask is not None:
+        mask = classes_last(mask, batch_axes, axes)
+    return _sample(key, x, mask, temperature_per_row(t, sorted_axes), top_k, p)
 
 
 def sample(
@@ -136,43 +160,52 @@ def sample(
       Array([1, 0], dtype=int32)
     """
     name = "sample"
-    x, _ = as_real_array(name, logits, "logits")
-    axes, sorted_axes, batch_axes = class_layout(name, axis, x.ndim)
-    batch = reduced_shape(x.shape, sorted_axes)
-    mask = broadcast_mask(name, where, x.shape)
-    t = canonicalize_temperature(name, temperature, x.shape, sorted_axes, x.dtype)
-    num_classes = int(np.prod([x.shape[a] for a in axes]))
+    # Checks on static information only: the device work is one jitted call.
+    x, out_dtype = real_spec(name, logits, "logits")
+    shape = tuple(np.shape(x))
+    axes, sorted_axes, batch_axes = class_layout(name, axis, len(shape))
+    batch = reduced_shape(shape, sorted_axes)
+    mask = host_array(mask_spec(name, where, shape)) if where is not None else None
+    t, layout = temperature_spec(name, temperature, shape, sorted_axes)
+    num_classes = int(np.prod([shape[a] for a in axes]))
     if top_k is not None:
         if is_traced(top_k) or isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
             raise TypeError(f"{name}: top_k must be a Python int (static); got {top_k!r}")
         if top_k < 1:
             raise ValueError(f"{name}: top_k must be >= 1 (None keeps all); got {top_k}")
         top_k = min(int(top_k), num_classes)
-    p = None
-    if top_p is not None:
-        if not is_traced(top_p):
-            values = np.asarray(top_p, np.float64)
-            if np.isnan(values).any() or (values < 0).any() or (values > 1).any():
-                raise ValueError(f"{name}: top_p must be in [0, 1] (1 keeps all); got {top_p!r}")
-        p = jnp.asarray(top_p, x.dtype)
-        keepdims = tuple(1 if i in sorted_axes else n for i, n in enumerate(x.shape))
-        if p.ndim == x.ndim and p.ndim > 0 and all(
-            a == b or a == 1 for a, b in zip(p.shape, keepdims, strict=True)
-        ):
-            p = jnp.squeeze(p, sorted_axes)  # the keepdims shape, as temperature takes
-        try:
-            p = jnp.broadcast_to(p, batch)[..., None]
-        except ValueError as err:
-            raise ValueError(
-                f"{name}: top_p of shape {p.shape} does not broadcast to the batch shape "
-                f"{batch}; pass a scalar or one value per slice"
-            ) from err
+    p, squeeze_p = _top_p_spec(name, top_p, shape, sorted_axes)
     if num_classes == 0:  # nothing to sample in any slice
         return jnp.full(batch, -1, jnp.int32)
-    x = classes_last(x, batch_axes, axes)
-    if mask is not None:
-        mask = classes_last(mask, batch_axes, axes)
-    return _sample_jit(key, x, mask, temperature_per_row(t, sorted_axes), top_k, p)
+    return _sample_jit(
+        (axes, sorted_axes, batch_axes), out_dtype, layout, squeeze_p, top_k, key, x, mask, t,
+        p,
+    )
+
+
+def _top_p_spec(name, top_p, shape, sorted_axes):
+    """``(top_p, squeeze)`` checked from static information (a concrete
+    value must be in [0, 1]); ``squeeze`` says it has the keepdims shape."""
+    if top_p is None:
+        return None, False
+    if not is_traced(top_p):
+        values = np.asarray(top_p, np.float64)
+        if np.isnan(values).any() or (values < 0).any() or (values > 1).any():
+            raise ValueError(f"{name}: top_p must be in [0, 1] (1 keeps all); got {top_p!r}")
+    p_shape = tuple(np.shape(top_p))
+    keepdims = tuple(1 if i in sorted_axes else n for i, n in enumerate(shape))
+    squeeze = len(p_shape) == len(shape) and len(p_shape) > 0 and all(
+        a == b or a == 1 for a, b in zip(p_shape, keepdims, strict=True)
+    )
+    if squeeze:
+        p_shape = reduced_shape(p_shape, sorted_axes)
+    batch = reduced_shape(shape, sorted_axes)
+    if not _broadcasts_to(p_shape, batch):
+        raise ValueError(
+            f"{name}: top_p of shape {p_shape} does not broadcast to the batch shape "
+            f"{batch}; pass a scalar or one value per slice"
+        )
+    return host_array(top_p), squeeze
 
 
 # --------------------------------------------------------------------------
@@ -200,7 +233,22 @@ def _gumbel_softmax(key, x, mask, t, hard):
     return one_hot + (soft - jax.lax.stop_gradient(soft))
 
 
-_gumbel_softmax_jit = jax.jit(_gumbel_softmax, static_argnums=(4,))
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _gumbel_softmax_jit(layout_axes, out_dtype, layout, hard, key, x, where, t):
+    """Everything a call of :func:`gumbel_softmax` does on the device: the
+    classes moved last and merged, the sample, and back to the input layout."""
+    axes, sorted_axes, batch_axes = layout_axes
+    x = cast_real(x, out_dtype)
+    shape = x.shape
+    mask = shaped_mask(where, shape)
+    t = shaped_temperature(t, layout, shape, sorted_axes, x.dtype)
+    flat = classes_last(x, batch_axes, axes)
+    if mask is not None:
+        mask = classes_last(mask, batch_axes, axes)
+    y = _gumbel_softmax(key, flat, mask, temperature_per_row(t, sorted_axes), hard)
+    perm = batch_axes + axes
+    y = y.reshape(tuple(shape[i] for i in perm))
+    return jnp.transpose(y, tuple(int(i) for i in np.argsort(perm))).astype(out_dtype)
 
 
 def gumbel_softmax(
@@ -247,18 +295,14 @@ def gumbel_softmax(
       Array(1., dtype=float32)
     """
     name = "gumbel_softmax"
-    x, out_dtype = as_real_array(name, logits, "logits")
-    axes, sorted_axes, batch_axes = class_layout(name, axis, x.ndim)
-    mask = broadcast_mask(name, where, x.shape)
-    t = canonicalize_temperature(name, temperature, x.shape, sorted_axes, x.dtype)
+    # Checks on static information only: the device work is one jitted call.
+    x, out_dtype = real_spec(name, logits, "logits")
+    shape = tuple(np.shape(x))
+    axes, sorted_axes, batch_axes = class_layout(name, axis, len(shape))
+    mask = host_array(mask_spec(name, where, shape)) if where is not None else None
+    t, layout = temperature_spec(name, temperature, shape, sorted_axes)
     if not isinstance(hard, (bool, np.bool_)):
         raise TypeError(f"{name}: hard must be a Python bool (static); got {hard!r}")
-    shape = x.shape
-    flat = classes_last(x, batch_axes, axes)
-    if mask is not None:
-        mask = classes_last(mask, batch_axes, axes)
-    y = _gumbel_softmax_jit(key, flat, mask, temperature_per_row(t, sorted_axes), bool(hard))
-    # Back to the input layout.
-    perm = batch_axes + axes
-    y = y.reshape(tuple(shape[i] for i in perm))
-    return jnp.transpose(y, np.argsort(perm)).astype(out_dtype)
+    return _gumbel_softmax_jit(
+        (axes, sorted_axes, batch_axes), out_dtype, layout, bool(hard), key, x, mask, t
+    )
