@@ -31,9 +31,13 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax._checks import (
-    broadcast_mask,
-    canonicalize_temperature,
+    dtype_of,
+    host_array,
     is_traced,
+    mask_spec,
+    shaped_mask,
+    shaped_temperature,
+    temperature_spec,
     widen_labels,
 )
 from jsoftmax.core import AxisName
@@ -332,42 +336,91 @@ def _fused_bwd(chunk, axis_name, residuals, g):
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
-_fused_jit = jax.jit(_fused, static_argnums=(0, 1))
-
 
 # --------------------------------------------------------------------------
-# The public function.
+# The public function: checks on static information, then one jitted call.
 # --------------------------------------------------------------------------
 
 
-def _check_float(arg, x):
-    dtype = getattr(x, "dtype", None)
-    if dtype is None:
-        try:
-            dtype = np.asarray(x).dtype
-        except Exception as err:
-            raise TypeError(f"{_NAME}: {arg} must be an array of real numbers; got {x!r}") from err
-    dtype = jnp.dtype(dtype)
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _fused_jit(chunk, axis_name, batch, dtype, layout, h, w, labels, where, t, alpha, zeta):
+    """Everything a call does on the device, in one computation: the casts
+    and reshapes to [N, D] rows, the temperature per row, the loss."""
+    acc = _acc(dtype)
+    h, w = jnp.asarray(h).astype(dtype), jnp.asarray(w).astype(dtype)
+    n = int(np.prod(batch, dtype=np.int64))
+    d, v = w.shape
+    h2 = h.reshape(n, d)
+    # Widened, never narrowed: an int64 label must not wrap into range.
+    lab = widen_labels(jnp.asarray(labels)).reshape(n)
+    mask = shaped_mask(where, batch)
+    mask = None if mask is None else mask.reshape(n)
+    t = shaped_temperature(t, layout, (*batch, v), (len(batch),), acc)
+    if t is not None and t.ndim:
+        t = jnp.broadcast_to(t, (*batch, 1)).reshape(n, 1)
+    alpha, zeta = jnp.asarray(alpha).astype(acc), jnp.asarray(zeta).astype(acc)
+    # Inside shard_map, give every input the varying mesh axes of all of them
+    # except ``axis_name`` (a data-parallel batch, say), so that the custom
+    # derivative sees one type; the transposes of these casts sum the
+    # gradients of replicated inputs over those axes.
+    names = set() if axis_name is None else set(_axis_names(axis_name))
+    every = _vma(h2, w, lab, t, mask, alpha, zeta)
+    if names and every and not names <= _vma(w):
+        raise ValueError(
+            f"{_NAME}: axis_name={axis_name!r} but weight does not vary over that mesh axis; "
+            "shard weight's vocabulary axis over it, e.g. in_specs=P(None, "
+            f"{axis_name!r}) in jax.shard_map"
+        )
+    others = every - names
+    h2, w, lab, t, mask, alpha, zeta = (
+        _varying(x, others) for x in (h2, w, lab, t, mask, alpha, zeta)
+    )
+    loss = _fused(chunk, axis_name, h2, w, lab, t, mask, alpha, zeta)
+    return loss.reshape(batch).astype(dtype)
+
+
+def _float_dtype(arg, x):
+    """The float dtype ``x`` is computed in (integers promote to the default
+    float), from static information only."""
+    dtype = dtype_of(_NAME, x, arg)
     if jnp.issubdtype(dtype, jnp.floating):
-        return jnp.asarray(x)
+        return dtype
     if jnp.issubdtype(dtype, jnp.integer):
-        return jnp.asarray(x).astype(jnp.result_type(float))
+        return jnp.dtype(jnp.result_type(float))
     raise TypeError(
         f"{_NAME}: {arg} has dtype {dtype}, which is not a real number type; "
         f"cast it first, e.g. {arg}.astype(jnp.float32)"
     )
 
 
-def _check_option(arg, value, low, high, hint, dtype):
-    """A non-negative (or [0, 1]) scalar option; traced values pass unchecked."""
-    arr = jnp.asarray(value)
-    if arr.ndim != 0:
-        raise ValueError(f"{_NAME}: {arg} must be a scalar; got shape {arr.shape}")
+def _check_option(arg, value, low, high, hint):
+    """A non-negative (or [0, 1]) scalar option; traced values pass
+    unchecked, and the jitted call converts it."""
+    if np.ndim(value) != 0:
+        raise ValueError(f"{_NAME}: {arg} must be a scalar; got shape {np.shape(value)}")
     if not is_traced(value):
-        v = float(np.asarray(value))
+        # A Python number is read without NumPy; an array (rare here) is read back.
+        v = float(value) if isinstance(value, (int, float)) else float(np.asarray(value))
         if not (low <= v <= high):
             raise ValueError(f"{_NAME}: {arg} must be in [{low}, {high}] ({hint}); got {v!r}")
-    return arr.astype(dtype)
+    return host_array(value)
+
+
+def _check_temperature(temperature):
+    """The limits t = 0 and t = inf are not supported: a Python or NumPy one
+    raises; one in a JAX array is never read back and gives NaN."""
+    if is_traced(temperature) or isinstance(temperature, jax.Array):
+        return
+    if isinstance(temperature, (int, float)):
+        bad = temperature == 0 or temperature in (np.inf, -np.inf)
+    else:
+        values = np.asarray(temperature, dtype=np.float64)
+        bad = np.any(values == 0) or np.any(np.isinf(values))
+    if bad:
+        raise ValueError(
+            f"{_NAME}: temperature must be finite and > 0 here; for the hard-max (0) or "
+            "uniform (inf) limits use the unfused loss on hidden @ weight"
+        )
 
 
 def fused_linear_cross_entropy(
@@ -420,8 +473,8 @@ def fused_linear_cross_entropy(
         least 256 and at most V. V need not be a multiple of it.
       temperature: t > 0 dividing the logits, a scalar or one per example.
         (The limits t = 0 and t = inf of :func:`jsoftmax.log_softmax` are not
-        supported here: a concrete one raises ValueError, a traced one gives
-        NaN.)
+        supported here: a Python or NumPy one raises ValueError; one in a
+        JAX array, traced or not, gives NaN.)
       label_smoothing: alpha in [0, 1].
       z_loss: coefficient >= 0 of the squared logsumexp.
       axis_name: name of a mesh axis (inside ``jax.shard_map``) over which
@@ -445,8 +498,9 @@ def fused_linear_cross_entropy(
       ...     hidden, weight, jnp.array([0, 1]), where=jnp.array([True, False]))
       Array([0.5514447, 0.       ], dtype=float32)
     """
-    h = _check_float("hidden", hidden)
-    w = _check_float("weight", weight)
+    # Checks on static information only: the device work is one jitted call.
+    h, w = host_array(hidden), host_array(weight)
+    h_dtype, w_dtype = _float_dtype("hidden", h), _float_dtype("weight", w)
     if h.ndim < 1:
         raise ValueError(f"{_NAME}: hidden must have shape [N, D]; got a scalar")
     if w.ndim != 2:
@@ -459,20 +513,19 @@ def fused_linear_cross_entropy(
         )
     if w.shape[1] == 0:
         raise ValueError(f"{_NAME}: weight has no vocabulary columns (shape {w.shape})")
-    lab = jnp.asarray(labels)
+    lab = host_array(labels)
     if not jnp.issubdtype(lab.dtype, jnp.integer):
         raise TypeError(
             f"{_NAME}: labels must be integer class indices; got dtype {lab.dtype}. "
             "For soft (probability) labels use the unfused softmax_cross_entropy"
         )
-    lab = widen_labels(lab)
-    batch = h.shape[:-1]
-    if lab.shape != batch:
+    batch = tuple(h.shape[:-1])
+    if tuple(lab.shape) != batch:
         raise ValueError(
-            f"{_NAME}: labels has shape {lab.shape} but hidden {h.shape} has batch shape "
-            f"{batch}; give one label per row of hidden"
+            f"{_NAME}: labels has shape {tuple(lab.shape)} but hidden {tuple(h.shape)} has "
+            f"batch shape {batch}; give one label per row of hidden"
         )
-    mask = broadcast_mask(_NAME, where, batch)
+    mask = None if where is None else host_array(mask_spec(_NAME, where, batch))
     if chunk_size is not None and (
         not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
     ):
@@ -481,44 +534,12 @@ def fused_linear_cross_entropy(
         raise ValueError(f"{_NAME}: chunk_size must be a positive int; got {chunk_size}")
     if axis_name is not None and not isinstance(axis_name, Hashable):
         raise TypeError(f"{_NAME}: axis_name must be a mesh axis name or None; got {axis_name!r}")
-    if not is_traced(temperature):
-        values = np.asarray(temperature, dtype=np.float64)
-        if np.any(values == 0) or np.any(np.isinf(values)):
-            raise ValueError(
-                f"{_NAME}: temperature must be finite and > 0 here; for the hard-max (0) or "
-                "uniform (inf) limits use the unfused loss on hidden @ weight"
-            )
-    dtype = jnp.result_type(h.dtype, w.dtype)
-    acc = _acc(dtype)
-    alpha = _check_option("label_smoothing", label_smoothing, 0.0, 1.0, "0 = no smoothing", acc)
-    zeta = _check_option("z_loss", z_loss, 0.0, np.inf, "0 = no z-loss; PaLM uses 1e-4", acc)
-
-    h, w = h.astype(dtype), w.astype(dtype)
+    _check_temperature(temperature)
+    alpha = _check_option("label_smoothing", label_smoothing, 0.0, 1.0, "0 = no smoothing")
+    zeta = _check_option("z_loss", z_loss, 0.0, np.inf, "0 = no z-loss; PaLM uses 1e-4")
+    dtype = jnp.dtype(jnp.result_type(h_dtype, w_dtype))
+    v = w.shape[1]
+    t, layout = temperature_spec(_NAME, temperature, (*batch, v), (len(batch),))
     n = int(np.prod(batch, dtype=np.int64))
-    d, v = w.shape
-    h2 = h.reshape(n, d)
-    # Widened, never narrowed: an int64 label must not wrap into range.
-    lab = widen_labels(lab.reshape(n))
-    mask = None if mask is None else mask.reshape(n)
-    t = canonicalize_temperature(_NAME, temperature, (*batch, v), (len(batch),), acc)
-    if t is not None and t.ndim:
-        t = jnp.broadcast_to(t, (*batch, 1)).reshape(n, 1)
     chunk = _default_chunk_size(n, v) if chunk_size is None else int(min(chunk_size, v))
-    # Inside shard_map, give every input the varying mesh axes of all of them
-    # except ``axis_name`` (a data-parallel batch, say), so that the custom
-    # derivative sees one type; the transposes of these casts sum the
-    # gradients of replicated inputs over those axes.
-    names = set() if axis_name is None else set(_axis_names(axis_name))
-    every = _vma(h2, w, lab, t, mask, alpha, zeta)
-    if names and every and not names <= _vma(w):
-        raise ValueError(
-            f"{_NAME}: axis_name={axis_name!r} but weight does not vary over that mesh axis; "
-            "shard weight's vocabulary axis over it, e.g. in_specs=P(None, "
-            f"{axis_name!r}) in jax.shard_map"
-        )
-    others = every - names
-    h2, w, lab, t, mask, alpha, zeta = (
-        _varying(x, others) for x in (h2, w, lab, t, mask, alpha, zeta)
-    )
-    loss = _fused_jit(chunk, axis_name, h2, w, lab, t, mask, alpha, zeta)
-    return loss.reshape(batch).astype(dtype)
+    return _fused_jit(chunk, axis_name, batch, dtype, layout, h, w, lab, mask, t, alpha, zeta)
