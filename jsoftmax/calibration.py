@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jsoftmax._checks import as_real_array
+from jsoftmax._checks import cast_real, host_array, real_spec, temperature_spec
 from jsoftmax.losses import softmax_cross_entropy_with_integer_labels
 
 __all__ = [
@@ -38,25 +38,27 @@ _BISECTIONS = 40
 
 def _check_classification(
     name: str, scores: ArrayLike, labels: ArrayLike, what: str
-) -> tuple[jax.Array, jax.Array]:
-    """Validates ``scores`` of shape (N, K) and integer ``labels`` of shape (N,)."""
-    arr, _ = as_real_array(name, scores, what)
-    lab = jnp.asarray(labels)
+) -> tuple[ArrayLike, ArrayLike, jnp.dtype]:
+    """Validates ``scores`` of shape (N, K) and integer ``labels`` of shape
+    (N,) from static information: ``(scores, labels, dtype)`` for the jitted
+    call, which casts ``scores`` to ``dtype``."""
+    arr, dtype = real_spec(name, scores, what)
+    lab = host_array(labels)
     if arr.ndim != 2:
         raise ValueError(
-            f"{name}: {what} must have shape (examples, classes); got shape {arr.shape}"
+            f"{name}: {what} must have shape (examples, classes); got shape {tuple(arr.shape)}"
         )
     if not jnp.issubdtype(lab.dtype, jnp.integer):
         raise TypeError(
             f"{name}: labels must be integer class indices; got dtype {lab.dtype} "
             "(use labels.astype(jnp.int32), or argmax of one-hot labels)"
         )
-    if lab.shape != arr.shape[:1]:
+    if tuple(lab.shape) != tuple(arr.shape[:1]):
         raise ValueError(
             f"{name}: labels must have shape ({arr.shape[0]},), one per row of {what}; "
-            f"got shape {lab.shape}"
+            f"got shape {tuple(lab.shape)}"
         )
-    return arr, lab
+    return arr, lab, dtype
 
 
 def _check_num_bins(name: str, num_bins: int) -> int:
@@ -79,8 +81,9 @@ class ReliabilityBins(NamedTuple):
     """Fraction of the examples in each bin whose top class is the label."""
 
 
-@partial(jax.jit, static_argnums=2)
-def _reliability_bins(probs, labels, num_bins):
+@partial(jax.jit, static_argnums=(0, 1))
+def _reliability_bins(num_bins, dtype, probs, labels):
+    probs, labels = cast_real(probs, dtype), jnp.asarray(labels)
     confidence = jnp.max(probs, axis=-1)
     correct = (jnp.argmax(probs, axis=-1) == labels).astype(probs.dtype)
     # Bin m (1-based) holds confidences in ((m - 1) / M, m / M]; 0 goes to bin 1.
@@ -119,8 +122,8 @@ def reliability_bins(probs: ArrayLike, labels: ArrayLike, num_bins: int = 15) ->
       ([0.0, 0.8], [0.0, 0.6667])
     """
     name = "reliability_bins"
-    arr, lab = _check_classification(name, probs, labels, "probs")
-    return _reliability_bins(arr, lab, _check_num_bins(name, num_bins))
+    arr, lab, dtype = _check_classification(name, probs, labels, "probs")
+    return _reliability_bins(_check_num_bins(name, num_bins), dtype, arr, lab)
 
 
 def expected_calibration_error(
@@ -149,9 +152,14 @@ def expected_calibration_error(
       Array(0.13333333, dtype=float32)
     """
     name = "expected_calibration_error"
-    arr, lab = _check_classification(name, probs, labels, "probs")
-    bins = _reliability_bins(arr, lab, _check_num_bins(name, num_bins))
-    weights = bins.counts.astype(arr.dtype) / arr.shape[0]
+    arr, lab, dtype = _check_classification(name, probs, labels, "probs")
+    return _calibration_error(_check_num_bins(name, num_bins), dtype, arr, lab)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _calibration_error(num_bins, dtype, probs, labels):
+    bins = _reliability_bins(num_bins, dtype, probs, labels)
+    weights = bins.counts.astype(bins.confidence.dtype) / probs.shape[0]
     return jnp.sum(weights * jnp.abs(bins.accuracy - bins.confidence))
 
 
@@ -175,11 +183,25 @@ def mean_nll(logits: ArrayLike, labels: ArrayLike, temperature: ArrayLike = 1.0)
       >>> round(float(nll), 5)  # (log 2 + log(1 + e)) / 2
       1.0032
     """
-    arr, lab = _check_classification("mean_nll", logits, labels, "logits")
-    return jnp.mean(softmax_cross_entropy_with_integer_labels(arr, lab, temperature=temperature))
+    arr, lab, dtype = _check_classification("mean_nll", logits, labels, "logits")
+    # The loss's own check of a concrete temperature (None for exactly 1).
+    t, _ = temperature_spec("softmax_cross_entropy_with_integer_labels", temperature,
+                            tuple(arr.shape), (1,))
+    return _mean_nll(dtype, arr, lab, t)
 
 
-@jax.jit
+@partial(jax.jit, static_argnums=0)
+def _mean_nll(dtype, logits, labels, t):
+    logits = cast_real(logits, dtype)
+    t = 1.0 if t is None else t
+    return jnp.mean(softmax_cross_entropy_with_integer_labels(logits, labels, temperature=t))
+
+
+@partial(jax.jit, static_argnums=0)
+def _fit_temperature(dtype, logits, labels):
+    return jnp.exp(_fit_log_temperature(cast_real(logits, dtype), jnp.asarray(labels)))
+
+
 def _fit_log_temperature(logits, labels):
     # The NLL is convex in 1/t, so its derivative in u = log t changes sign
     # once, from negative to positive, at the optimum: bisection on that sign
@@ -237,5 +259,5 @@ def fit_temperature(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
       >>> round(float(jax.nn.sigmoid(4.0 / t)), 4)  # so the confidence is 3/4
       0.75
     """
-    arr, lab = _check_classification("fit_temperature", logits, labels, "logits")
-    return jnp.exp(_fit_log_temperature(arr, lab))
+    arr, lab, dtype = _check_classification("fit_temperature", logits, labels, "logits")
+    return _fit_temperature(dtype, arr, lab)
