@@ -41,9 +41,12 @@ __all__ = [
     "AxisName",
     "Normaliser",
     "Reduction",
+    "Segments",
     "accurate_log_normaliser",
     "inverse_temperature",
+    "entropy",
     "log_probabilities",
+    "log_sum",
     "logits",
     "normaliser",
     "probabilities",
@@ -63,16 +66,19 @@ INF = float("inf")
 AxisName = Hashable
 
 
+@jax.tree_util.register_pytree_node_class
 class Reduction(tuple):
-    """Reduced axes that also span a named mesh axis (vocab-parallel calls).
+    """The reduced axes of a slice, optionally spanning a named mesh axis.
 
-    A tuple of ints like plain ``axes``; :func:`reduce_max` and
-    :func:`reduce_sum` also reduce across the mesh axis ``axis_name`` with
-    ``lax.pmax`` and ``lax.psum`` (inside ``jax.shard_map``). Equality and
-    hash include the name, since the axes are a static jit argument.
+    A tuple of ints like plain ``axes``; with ``axis_name``,
+    :func:`reduce_max` and :func:`reduce_sum` also reduce across that mesh
+    axis with ``lax.pmax`` and ``lax.psum`` (inside ``jax.shard_map``).
+    Equality and hash include the name, since the axes are a static jit
+    argument. It is a pytree without leaves, so it can also be an ordinary
+    argument of a custom-JVP function, as :class:`Segments` is.
     """
 
-    def __new__(cls, axes, axis_name):
+    def __new__(cls, axes, axis_name=None):
         self = super().__new__(cls, axes)
         self.axis_name = axis_name
         return self
@@ -89,10 +95,58 @@ class Reduction(tuple):
     def __reduce__(self):
         return Reduction, (tuple(self), self.axis_name)
 
+    def tree_flatten(self):
+        return (), (tuple(self), self.axis_name)
 
-def reduction(axes: tuple[int, ...], axis_name: AxisName | None) -> tuple[int, ...]:
-    """``axes`` as they are, or with the mesh axis ``axis_name`` added."""
-    return axes if axis_name is None else Reduction(axes, axis_name)
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*aux)
+
+
+@jax.tree_util.register_pytree_node_class
+class Segments:
+    """Ragged slices: the entries (axis 0) that share a segment id.
+
+    Trailing axes are independent slices, as batch axes are. A reduction
+    with ``keepdims`` gives each entry its segment's total (so every
+    function of this module works per segment unchanged); without, one row
+    per segment. An entry whose id is outside [0, num_segments) belongs to
+    no segment: :meth:`members` is False there and it gets the reduction's
+    identity back.
+    """
+
+    def __init__(self, ids: jax.Array, num_segments: int, indices_are_sorted: bool = False):
+        self.ids = ids
+        self.num_segments = num_segments
+        self.indices_are_sorted = indices_are_sorted
+
+    def tree_flatten(self):
+        return (self.ids,), (self.num_segments, self.indices_are_sorted)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
+
+    def members(self, ndim: int) -> jax.Array:
+        """True for the entries that belong to a segment, shaped to broadcast
+        against an entries array of rank ``ndim``."""
+        valid = (self.ids >= 0) & (self.ids < self.num_segments)
+        return valid.reshape(valid.shape + (1,) * (ndim - 1))
+
+    def per_entry(self, totals: jax.Array, identity: float) -> jax.Array:
+        """Each entry's row of the per-segment ``totals``."""
+        return jnp.take(totals, self.ids, axis=0, mode="fill", fill_value=identity)
+
+    def reduce(self, op, v, keepdims, identity):
+        totals = op(
+            v, self.ids, self.num_segments, indices_are_sorted=self.indices_are_sorted
+        )
+        return self.per_entry(totals, identity) if keepdims else totals
+
+
+def reduction(axes: tuple[int, ...], axis_name: AxisName | None) -> Reduction:
+    """``axes`` and the mesh axis ``axis_name`` (or None) as a :class:`Reduction`."""
+    return Reduction(axes, axis_name)
 
 
 def _axis_name(axes):
@@ -100,7 +154,10 @@ def _axis_name(axes):
 
 
 def reduce_sum(v: jax.Array, axes, keepdims: bool = True) -> jax.Array:
-    """Sum over ``axes`` and, for a :class:`Reduction`, over its mesh axis."""
+    """Sum over ``axes`` and, for a :class:`Reduction`, over its mesh axis;
+    per segment for :class:`Segments`."""
+    if isinstance(axes, Segments):
+        return axes.reduce(jax.ops.segment_sum, v, keepdims, 0.0)
     out = jnp.sum(v, axis=tuple(axes), keepdims=keepdims)
     name = _axis_name(axes)
     return out if name is None else lax.psum(out, name)
@@ -108,20 +165,24 @@ def reduce_sum(v: jax.Array, axes, keepdims: bool = True) -> jax.Array:
 
 def reduce_max(v: jax.Array, axes, keepdims: bool = True) -> jax.Array:
     """Max over ``axes`` (-inf for an empty slice), across shards too."""
+    if isinstance(axes, Segments):
+        return axes.reduce(jax.ops.segment_max, v, keepdims, -INF)
     out = jnp.max(v, axis=tuple(axes), keepdims=keepdims, initial=-INF)
     name = _axis_name(axes)
     return out if name is None else lax.pmax(out, name)
 
 
-def slice_shift(axes, x: jax.Array, t: jax.Array | None = None, mask=None) -> jax.Array:
-    """The per-slice shift, keepdims, in the compute dtype: the max of the
-    included entries, 0 for a slice with nothing included, NaN for an invalid
-    (traced negative or NaN) temperature. It carries no derivative:
-    everything built on z is invariant to it. float16 / bfloat16
-    ``x`` is reduced in its own dtype, where the max is exact."""
+def slice_shift(
+    axes, x: jax.Array, t: jax.Array | None = None, mask=None, keepdims: bool = True
+) -> jax.Array:
+    """The per-slice shift in the compute dtype: the max of the included
+    entries, 0 for a slice with nothing included, NaN for an invalid (traced
+    negative or NaN) temperature (``t`` shaped like the result). It carries
+    no derivative: everything built on z is invariant to it. float16 /
+    bfloat16 ``x`` is reduced in its own dtype, where the max is exact."""
     if mask is not None:
         x = jnp.where(mask, x, -INF)
-    m = upcast(reduce_max(lax.stop_gradient(x), axes))
+    m = upcast(reduce_max(lax.stop_gradient(x), axes, keepdims))
     shift = jnp.where(m == -INF, 0.0, m)
     return shift if t is None else jnp.where(t >= 0, shift, jnp.nan)
 
@@ -205,7 +266,9 @@ def safe_normaliser(s: jax.Array) -> jax.Array:
     return jnp.where(s == 0, 1.0, s)
 
 
-def accurate_log_normaliser(z: jax.Array, axes) -> tuple[jax.Array, jax.Array]:
+def accurate_log_normaliser(
+    z: jax.Array, axes, keepdims: bool = True
+) -> tuple[jax.Array, jax.Array]:
     """``(log s, q)`` with ``q = 1 - 1/s``, both to full relative accuracy.
 
     The maxima contribute exactly 1 each (z = 0), so with k of them and
@@ -217,14 +280,41 @@ def accurate_log_normaliser(z: jax.Array, axes) -> tuple[jax.Array, jax.Array]:
     at_top = z == 0
     e = jnp.exp(z)
     # exp(z) rather than 1 at the top: the same value, with z's derivative.
-    top = reduce_sum(jnp.where(at_top, e, 0.0), axes)
-    below = reduce_sum(jnp.where(at_top, 0.0, e), axes)
+    top = reduce_sum(jnp.where(at_top, e, 0.0), axes, keepdims)
+    below = reduce_sum(jnp.where(at_top, 0.0, e), axes, keepdims)
     safe_top = jnp.where(top == 0, 1.0, top)
     log_s = jnp.where(top == 0, 0.0, jnp.log(safe_top) + jnp.log1p(below / safe_top))
     # q = (s - k) / s with k the count at the top: below / s in value, and
     # top - k (exactly 0) carries the top's part of dq.
     moving_top = top - lax.stop_gradient(top)
     return log_s, (below + moving_top) / safe_normaliser(top + below)
+
+
+def log_sum(shift: jax.Array, s: jax.Array, t: jax.Array | None) -> jax.Array:
+    """The tempered log normaliser shift + t log|s| (logsumexp), shaped like
+    ``s``: -inf for a slice with nothing included; t = 0 gives the shift
+    (the max). t log|s| -> 0 as t -> inf only when exactly one unit of
+    weight is left, and is +inf otherwise."""
+    log_s = jnp.log(jnp.abs(s))
+    if t is None:
+        return shift + log_s  # s = 0 gives -inf
+    unit_at_inf = (t == INF) & (jnp.abs(s) == 1)
+    return jnp.where(s == 0, -INF, shift + jnp.where(unit_at_inf, 0.0, t * log_s))
+
+
+def entropy(z: jax.Array, axes, keepdims: bool = True) -> jax.Array:
+    """The Shannon entropy -sum p log p of p = softmax(z), in nats:
+    log s - sum(p z), with log s split at the maxima, since the entropy of a
+    confident slice is mostly the part of log s below an ulp of 1. Excluded
+    entries (z = -inf, p = 0) contribute 0 and a slice with nothing included
+    has entropy 0; k entries at z = 0 and nothing else give log k."""
+    log_s, _ = accurate_log_normaliser(z, axes, keepdims)
+    e = jnp.exp(z)
+    s = reduce_sum(e, axes, keepdims)
+    # A product with 0 at z = -inf, not a select after it (whose cotangent
+    # would meet 0 * -inf).
+    mean_z = reduce_sum(e * jnp.where(z == -INF, 0.0, z), axes, keepdims) / safe_normaliser(s)
+    return jnp.where(s == 0, 0.0, log_s - mean_z)
 
 
 def inverse_temperature(t: jax.Array) -> jax.Array:

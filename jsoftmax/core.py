@@ -35,6 +35,10 @@ from jsoftmax._normalise import INF, AxisName
 
 __all__ = ["log_softmax", "logsumexp", "softmax"]
 
+# The internal API for modules built on these functions: ``softmax_over`` and
+# ``log_softmax_over`` take any reduction of ``_normalise`` (``Reduction``
+# axes, or ``Segments``) and arrays already shaped, and carry the custom JVPs.
+
 
 def _canonical_args(name, x, axis, where, temperature, arg="x"):
     """The checks every public function starts with, on static information
@@ -58,18 +62,18 @@ def _shaped(axes, layout, x, t, mask):
     return t, shaped_mask(mask, x.shape)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _softmax(axes, x, t, mask):
+@jax.custom_jvp
+def softmax_over(axes, x, t, mask):
     z, _ = nz.logits(axes, x, t, mask)
     return nz.probabilities(z, nz.reduce_sum(jnp.exp(z), axes))
 
 
-@partial(_softmax.defjvp, symbolic_zeros=True)
-def _softmax_jvp(axes, primals, tangents):
+@partial(softmax_over.defjvp, symbolic_zeros=True)
+def _softmax_jvp(primals, tangents):
     # d softmax = p * (dz - sum(p * dz)), dz = (dx - z dt) / t.
-    x, t, mask = primals
-    dx, dt = nz.tangent_value(tangents[0]), nz.tangent_value(tangents[1])
-    probs = _softmax(axes, x, t, mask)
+    axes, x, t, mask = primals
+    dx, dt = nz.tangent_value(tangents[1]), nz.tangent_value(tangents[2])
+    probs = softmax_over(axes, x, t, mask)
     z = None if dt is None else nz.logits(axes, x, t, mask)[0]
     dz = nz.tangent_logits(z, t, dx, dt)
     if dz is None:
@@ -79,7 +83,7 @@ def _softmax_jvp(axes, primals, tangents):
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
 def _softmax_jit(axes, dtype, layout, x, t, mask):
-    return _softmax(axes, x, *_shaped(axes, layout, x, t, mask)).astype(dtype)
+    return softmax_over(axes, x, *_shaped(axes, layout, x, t, mask)).astype(dtype)
 
 
 def softmax(
@@ -148,13 +152,13 @@ def _log_softmax_parts(axes, x, t, mask):
     return nz.log_probabilities(z, norm.log_s), norm
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _log_softmax(axes, x, t, mask):
+@jax.custom_jvp
+def log_softmax_over(axes, x, t, mask):
     return _log_softmax_parts(axes, x, t, mask)[0]
 
 
-@partial(_log_softmax.defjvp, symbolic_zeros=True)
-def _log_softmax_jvp(axes, primals, tangents):
+@partial(log_softmax_over.defjvp, symbolic_zeros=True)
+def _log_softmax_jvp(primals, tangents):
     """d log_softmax = dz - sum(softmax * dz), 0 on excluded entries.
 
     Where the normaliser carries q = 1 - 1/s (float64), sum(softmax * dz) =
@@ -163,8 +167,8 @@ def _log_softmax_jvp(axes, primals, tangents):
     at the maximum happens before the small term is added, so 1 - softmax_max
     survives below an ulp of 1 (jax-ml/jax#40384).
     """
-    x, t, mask = primals
-    dx, dt = nz.tangent_value(tangents[0]), nz.tangent_value(tangents[1])
+    axes, x, t, mask = primals
+    dx, dt = nz.tangent_value(tangents[1]), nz.tangent_value(tangents[2])
     out, norm = _log_softmax_parts(axes, x, t, mask)
     z = None if dt is None else nz.logits(axes, x, t, mask)[0]
     dz = nz.tangent_logits(z, t, dx, dt)
@@ -172,7 +176,7 @@ def _log_softmax_jvp(axes, primals, tangents):
         return out, jnp.zeros_like(out)
     if norm.q is None:
         # Checkpointed: reverse mode keeps only ``out``.
-        return out, jax.checkpoint(partial(_log_softmax_tangent, axes), prevent_cse=False)(out, dz)
+        return out, jax.checkpoint(_log_softmax_tangent, prevent_cse=False)(axes, out, dz)
     else:
         e = jnp.exp(nz.logits(axes, x, t, mask)[0] if z is None else z)
         small = nz.reduce_sum((norm.q * e) * dz, axes)
@@ -188,7 +192,7 @@ def _log_softmax_tangent(axes, out, dz):
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
 def _log_softmax_jit(axes, dtype, layout, x, t, mask):
-    return _log_softmax(axes, x, *_shaped(axes, layout, x, t, mask)).astype(dtype)
+    return log_softmax_over(axes, x, *_shaped(axes, layout, x, t, mask)).astype(dtype)
 
 
 def log_softmax(
@@ -246,26 +250,23 @@ def _logsumexp_parts(axes, x, t, mask, b):
     z, shift = nz.logits(axes, x, t, mask)
     e = jnp.exp(z)
     s = nz.reduce_sum(e if b is None else b * e, axes)
-    log_s = jnp.log(jnp.abs(s))
-    if t is None:
-        return shift + log_s, jnp.sign(s), z, s, shift  # s = 0 gives -inf
-    # t log|s| -> 0 as t -> inf only when exactly one unit of weight is left;
-    # the limit is then the (weighted) mean of the included entries.
-    unit_at_inf = (t == INF) & (jnp.abs(s) == 1)
-    lse = jnp.where(s == 0, -INF, shift + jnp.where(unit_at_inf, 0.0, t * log_s))
-    if b is not None:
+    lse = nz.log_sum(shift, s, t)
+    if t is not None and b is not None:
+        # With one unit of weight left, the limit at t = inf is the weighted
+        # mean of the included entries (the shift when b = 1).
+        unit_at_inf = (t == INF) & (jnp.abs(s) == 1)
         x = jnp.where(mask, x, 0.0).astype(s.dtype)
         lse = jnp.where(unit_at_inf, nz.reduce_sum(b * x, axes) / nz.safe_normaliser(s), lse)
     return lse, jnp.sign(s), z, s, shift
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(0,))
+@jax.custom_jvp
 def _logsumexp(axes, x, t, mask, b):
     return _logsumexp_parts(axes, x, t, mask, b)[:2]
 
 
 @partial(_logsumexp.defjvp, symbolic_zeros=True)
-def _logsumexp_jvp(axes, primals, tangents):
+def _logsumexp_jvp(primals, tangents):
     """d lse = sum(P dx) + (log|s| - sum(P z)) dt + t sum(exp(z) / s db),
     with P = b exp(z) / s the weighted softmax.
 
@@ -273,8 +274,8 @@ def _logsumexp_jvp(axes, primals, tangents):
     b = 1; log s is then taken to full accuracy, since the entropy of a
     confident slice is mostly the part of log s below an ulp of 1.
     """
-    x, t, mask, b = primals
-    dx, dt, _, db = (nz.tangent_value(v) for v in tangents)
+    axes, x, t, mask, b = primals
+    dx, dt, _, db = (nz.tangent_value(v) for v in tangents[1:])
     lse, sign, z, s, shift = _logsumexp_parts(axes, x, t, mask, b)
     weights = nz.probabilities(z, s)
     probs = weights if b is None else b * weights
@@ -283,13 +284,14 @@ def _logsumexp_jvp(axes, primals, tangents):
         out = out + nz.reduce_sum(probs * dx, axes)
     if dt is not None:
         if b is None:
-            log_s, _ = nz.accurate_log_normaliser(z, axes)
+            entropy = nz.entropy(z, axes)
         else:
             log_s = jnp.log(jnp.abs(nz.safe_normaliser(s)))
-        # z is -inf exactly where P is 0: a product with 0 there, not a select
-        # after it (whose cotangent would meet 0 * -inf).
-        entropy = log_s - nz.reduce_sum(probs * jnp.where(z == -INF, 0.0, z), axes)
-        out = out + jnp.where(s == 0, 0.0, entropy) * dt
+            # z is -inf exactly where P is 0: a product with 0 there, not a
+            # select after it (whose cotangent would meet 0 * -inf).
+            entropy = log_s - nz.reduce_sum(probs * jnp.where(z == -INF, 0.0, z), axes)
+            entropy = jnp.where(s == 0, 0.0, entropy)
+        out = out + entropy * dt
     if db is not None:
         # d lse / d b_i = t exp((x_i - shift) / t) / s, also where b_i = 0.
         diff = upcast(x) - shift
