@@ -6,6 +6,7 @@ so that a mistake produces one clear error that names the fix.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -44,11 +45,28 @@ def inexact_dtype(dtype) -> jnp.dtype:
     """The floating dtype jax.nn computes an input of ``dtype`` in: its own
     for floats, float64 (float32 without x64) for 64-bit integers, float32
     for other integers and booleans."""
-    dtype = jnp.dtype(dtype)
-    if jnp.issubdtype(dtype, jnp.inexact):
-        return jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))
-    wide = dtype.itemsize == 8 and dtype != jnp.bool_
-    return jnp.dtype(jax.dtypes.canonicalize_dtype(np.float64 if wide else np.float32))
+    return _dtype_facts(jnp.dtype(dtype), jax.config.jax_enable_x64)[2]
+
+
+@functools.lru_cache(maxsize=256)
+def _dtype_facts(dtype: jnp.dtype, x64: bool) -> tuple[jnp.dtype, bool, jnp.dtype]:
+    """``(canonical dtype, real, inexact dtype)`` of ``dtype``, cached: every
+    call checks the same few dtypes, and the NumPy lookups cost more than the
+    dispatch of a small computation. ``x64`` keys the cache on the setting
+    the canonical dtypes depend on."""
+    del x64  # read by canonicalize_dtype; only a key here
+    canonical = jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))
+    real = jnp.issubdtype(canonical, jnp.floating) or jnp.issubdtype(canonical, jnp.integer)
+    if jnp.issubdtype(canonical, jnp.inexact):
+        inexact = canonical
+    else:
+        wide = canonical.itemsize == 8 and canonical != jnp.bool_
+        inexact = jnp.dtype(jax.dtypes.canonicalize_dtype(np.float64 if wide else np.float32))
+    return canonical, real, inexact
+
+
+def _facts_of(dtype) -> tuple[jnp.dtype, bool, jnp.dtype]:
+    return _dtype_facts(jnp.dtype(dtype), jax.config.jax_enable_x64)
 
 
 def dtype_of(name: str, x: ArrayLike, arg: str = "x") -> jnp.dtype:
@@ -59,7 +77,7 @@ def dtype_of(name: str, x: ArrayLike, arg: str = "x") -> jnp.dtype:
             dtype = np.asarray(x).dtype
         except Exception as err:  # ragged lists and other non-arrays
             raise TypeError(f"{name}: {arg} must be an array of real numbers; got {x!r}") from err
-    return jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))
+    return _facts_of(dtype)[0]
 
 
 def as_real_array(
@@ -80,13 +98,12 @@ def as_real_array(
     """
     # float64 input without x64 enabled computes (and returns) float32, quietly.
     dtype = dtype_of(name, x, arg)
-    real = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    _, real, out_dtype = _facts_of(dtype)
     if not (real or (allow_bool and dtype == jnp.bool_)):
         raise TypeError(
             f"{name}: {arg} has dtype {dtype}, which is not a real number type; "
             f"cast it first, e.g. {arg}.astype(jnp.float32)"
         )
-    out_dtype = inexact_dtype(dtype)
     # A jax.Array is used as it is: jnp.asarray would cost a dispatch per call.
     arr = x if isinstance(x, jax.Array) else jnp.asarray(x)
     if arr.dtype != out_dtype:
@@ -110,13 +127,13 @@ def real_spec(
     ``(value, out_dtype)`` with ``value`` from :func:`host_array`, for
     :func:`cast_real` to convert inside the jitted computation."""
     dtype = dtype_of(name, x, arg)
-    real = jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    _, real, out_dtype = _facts_of(dtype)
     if not (real or (allow_bool and dtype == jnp.bool_)):
         raise TypeError(
             f"{name}: {arg} has dtype {dtype}, which is not a real number type; "
             f"cast it first, e.g. {arg}.astype(jnp.float32)"
         )
-    return host_array(x), inexact_dtype(dtype)
+    return host_array(x), out_dtype
 
 
 def cast_real(x: ArrayLike, out_dtype, *, keep_low_precision: bool = False) -> jax.Array:
@@ -130,6 +147,8 @@ def cast_real(x: ArrayLike, out_dtype, *, keep_low_precision: bool = False) -> j
 def canonicalize_axes(name: str, axis: Axis, ndim: int) -> tuple[int, ...]:
     """Turns ``axis`` (int, sequence of ints or None) into a sorted tuple of
     non-negative ints, rejecting out-of-range and duplicate axes."""
+    if type(axis) is int and -ndim <= axis < ndim:  # the common case, without NumPy
+        return (axis % ndim,)
     if axis is None:
         return tuple(range(ndim))
     if isinstance(axis, (int, np.integer)) and not isinstance(axis, bool):
@@ -171,6 +190,9 @@ def class_layout(
     """``(axes, sorted_axes, batch_axes)`` for functions that flatten the class
     axes into one last axis (losses, sampling): the class axes in the order
     given, the same sorted, and the remaining (batch) axes in order."""
+    if type(axis) is int and -ndim <= axis < ndim:  # the common case, without NumPy
+        a = axis % ndim
+        return (a,), (a,), tuple(i for i in range(ndim) if i != a)
     axes = ordered_axes(name, axis, ndim)
     batch_axes = tuple(i for i in range(ndim) if i not in axes)
     return axes, tuple(sorted(axes)), batch_axes
