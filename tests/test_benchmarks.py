@@ -1,4 +1,4 @@
-"""The benchmark script and the edge battery (benchmarks/).
+"""The benchmark scripts and the edge battery (benchmarks/).
 
 The quick benchmark runs once per module (in-process, through ``main``); its
 edge battery is the one the README table comes from. Timings are never
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import edge_cases, run
+from benchmarks import edge_cases, overhead, run
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,38 @@ def test_reference_matches_hand_values():
 
 def test_edge_values_are_formatted_compactly():
     assert edge_cases.format_value([0.0, -math.inf, math.nan, 0.5]) == "[0, -inf, nan, 0.5]"
+
+
+# --------------------------------------------------------------------------
+# benchmarks/overhead.py: eager and compile overhead, in --quick mode.
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def overhead_quick(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "overhead.json"
+    overhead.main(["--quick", "--json", str(path)])
+    return json.loads(path.read_text())
+
+
+def test_overhead_has_rows_for_every_function(overhead_quick):
+    rows = overhead_quick["rows"]
+    for name in overhead.FUNCTIONS:
+        kinds = {(r["kind"], r["variant"]) for r in rows if r["function"] == name}
+        assert ("eager", "plain") in kinds or ("eager", "t=0.7") in kinds, name
+    # Each replacement of a jax.nn or optax function: four eager variants and
+    # compile times at t = 1 and with a temperature.
+    for name in overhead.FUNCTIONS[:8]:
+        kinds = {(r["kind"], r["variant"]) for r in rows if r["function"] == name}
+        assert {("eager", v) for v in ("plain", "t=0.7", "t=array", "mask")} <= kinds, name
+        assert {("compile", "plain"), ("compile", "t=0.7")} <= kinds, name
+    for r in rows:  # sane numbers, never a timing target
+        for key in ("ours", "ref", "ratio"):
+            assert math.isfinite(r[key]) and r[key] > 0, r
+    assert overhead_quick["machine"]["jax"]
+
+
+def test_overhead_table_has_a_line_per_variant(overhead_quick):
+    rows = [overhead.Row(**r) for r in overhead_quick["rows"]]
+    lines = overhead.table(rows).splitlines()
+    assert len(lines) == 2 + len({(r.function, r.variant) for r in rows})
