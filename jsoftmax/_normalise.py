@@ -43,8 +43,8 @@ __all__ = [
     "Reduction",
     "Segments",
     "accurate_log_normaliser",
-    "inverse_temperature",
     "entropy",
+    "inverse_temperature",
     "log_probabilities",
     "log_sum",
     "logits",
@@ -295,11 +295,13 @@ def log_sum(shift: jax.Array, s: jax.Array, t: jax.Array | None) -> jax.Array:
     ``s``: -inf for a slice with nothing included; t = 0 gives the shift
     (the max). t log|s| -> 0 as t -> inf only when exactly one unit of
     weight is left, and is +inf otherwise."""
-    log_s = jnp.log(jnp.abs(s))
-    if t is None:
-        return shift + log_s  # s = 0 gives -inf
-    unit_at_inf = (t == INF) & (jnp.abs(s) == 1)
-    return jnp.where(s == 0, -INF, shift + jnp.where(unit_at_inf, 0.0, t * log_s))
+    # log of the safe normaliser, so that differentiating through the select
+    # meets no 1 / 0 on an empty slice.
+    log_s = jnp.log(jnp.abs(safe_normaliser(s)))
+    if t is not None:
+        unit_at_inf = (t == INF) & (jnp.abs(s) == 1)
+        log_s = jnp.where(unit_at_inf, 0.0, t * log_s)
+    return jnp.where(s == 0, -INF, shift + log_s)
 
 
 def entropy(z: jax.Array, axes, keepdims: bool = True) -> jax.Array:

@@ -51,7 +51,8 @@ def test_entropy_matches_float64_reference(logits, axis, t, jit):
     keep = np.ones_like(logits, bool)
     keep[1, 2] = keep[0, 0] = False
     got = _maybe_jit(lambda x: jsoftmax.entropy(x, axis, keep, temperature=t), jit)(logits)
-    want = [ref.entropy(r, k, t) for r, k in zip(_rows(logits, axis), _rows(keep, axis))]
+    rows = zip(_rows(logits, axis), _rows(keep, axis), strict=True)
+    want = [ref.entropy(r, k, t) for r, k in rows]
     assert got.dtype == jnp.float32 and got.shape == (logits.shape[1 - (axis % 2)],)
     np.testing.assert_allclose(got, want, rtol=4 * EPS32 * 10, atol=4 * EPS32)
 
@@ -59,7 +60,7 @@ def test_entropy_matches_float64_reference(logits, axis, t, jit):
 def test_entropy_per_slice_temperature_and_several_axes(logits):
     t = np.array([0.5, 1.0, 2.0, 0.0], np.float32)
     got = jsoftmax.entropy(logits, temperature=t)
-    want = [ref.entropy(r, None, tt) for r, tt in zip(logits, t)]
+    want = [ref.entropy(r, None, tt) for r, tt in zip(logits, t, strict=True)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     whole = jsoftmax.entropy(logits, axis=None)
     np.testing.assert_allclose(whole, ref.entropy(logits.ravel()), rtol=1e-5)
@@ -74,7 +75,8 @@ def test_entropy_of_a_confident_slice_keeps_its_relative_accuracy():
     want = ref.mp_entropy(row)
     got = float(jsoftmax.entropy(jnp.asarray(row, jnp.float32)))
     assert abs(got - want) <= 8 * EPS32 * want
-    hand = -jnp.sum(jax.nn.softmax(row.astype(np.float32)) * jax.nn.log_softmax(row.astype(np.float32)))
+    r32 = row.astype(np.float32)
+    hand = -jnp.sum(jax.nn.softmax(r32) * jax.nn.log_softmax(r32))
     assert abs(float(hand) - want) > 0.01 * want  # what the formula users write gives
 
 
@@ -92,7 +94,7 @@ def test_entropy_of_a_confident_slice_keeps_its_relative_accuracy():
 def test_entropy_edges(row, keep, t, want):
     x = jnp.asarray(row, jnp.float32)
     mask = None if keep is None else jnp.asarray(keep)
-    fn = lambda x: jsoftmax.entropy(x, where=mask, temperature=t)  # noqa: E731
+    fn = lambda x: jsoftmax.entropy(x, where=mask, temperature=t)
     np.testing.assert_allclose(fn(x), want, rtol=1e-6, atol=0)
     np.testing.assert_allclose(jax.jit(fn)(x), want, rtol=1e-6, atol=0)
     g = jax.grad(fn)(x)
@@ -144,7 +146,7 @@ def test_entropy_check_grads_to_second_order():
     mask = np.ones((3, 5), bool)
     mask[0, 1] = False
     mask[2] = False  # a fully excluded slice
-    f = lambda x, t: jsoftmax.entropy(x, where=mask, temperature=t)  # noqa: E731
+    f = lambda x, t: jsoftmax.entropy(x, where=mask, temperature=t)
     check_grads(f, (x, 0.7), order=2, modes=["fwd", "rev"])
     check_grads(lambda x: jsoftmax.entropy(x, axis=0), (x,), order=2, modes=["fwd", "rev"])
 
@@ -198,7 +200,7 @@ def test_kl_matches_float64_reference(pair, t, jit):
     keep[2, :4] = False
     fn = _maybe_jit(lambda a, b: jsoftmax.kl_divergence(a, b, where=keep, temperature=t), jit)
     got = fn(p, q)
-    want = [ref.kl_divergence(a, b, k, t) for a, b, k in zip(p, q, keep)]
+    want = [ref.kl_divergence(a, b, k, t) for a, b, k in zip(p, q, keep, strict=True)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -206,7 +208,7 @@ def test_kl_matches_optax_on_ordinary_inputs(pair):
     p, q = pair
     want = optax.losses.kl_divergence(jax.nn.log_softmax(q), jax.nn.softmax(p))
     np.testing.assert_allclose(jsoftmax.kl_divergence(p, q), want, rtol=1e-5, atol=1e-6)
-    want0 = [ref.kl_divergence(a, b) for a, b in zip(_rows(p, 0), _rows(q, 0))]
+    want0 = [ref.kl_divergence(a, b) for a, b in zip(_rows(p, 0), _rows(q, 0), strict=True)]
     np.testing.assert_allclose(jsoftmax.kl_divergence(p, q, axis=0), want0, rtol=1e-5, atol=1e-6)
 
 
@@ -227,7 +229,7 @@ def test_kl_edges(p, q, keep, want):
     mask = None if keep is None else jnp.asarray(keep)
     if want is None:
         want = ref.kl_divergence(p, q, keep)
-    fn = lambda a, b: jsoftmax.kl_divergence(a, b, where=mask)  # noqa: E731
+    fn = lambda a, b: jsoftmax.kl_divergence(a, b, where=mask)
     np.testing.assert_allclose(fn(a, b), want, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(jax.jit(fn)(a, b), want, rtol=1e-6, atol=1e-7)
     ga, gb = jax.grad(fn, argnums=(0, 1))(a, b)
@@ -263,9 +265,9 @@ def test_kl_gradients_match_the_derivation(pair, t):
     p, q = pair
     p = p.copy()
     p[1, 2] = -INF
-    f = lambda a, b: jnp.sum(jsoftmax.kl_divergence(a, b, temperature=t))  # noqa: E731
+    f = lambda a, b: jnp.sum(jsoftmax.kl_divergence(a, b, temperature=t))
     ga, gb = jax.grad(f, argnums=(0, 1))(jnp.asarray(p), jnp.asarray(q))
-    want = [_kl_grad_reference(a, b, t) for a, b in zip(p.astype(np.float64), q)]
+    want = [_kl_grad_reference(a, b, t) for a, b in zip(p.astype(np.float64), q, strict=True)]
     np.testing.assert_allclose(ga, np.stack([w[0] for w in want]), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(gb, np.stack([w[1] for w in want]), rtol=1e-4, atol=1e-6)
 
@@ -285,7 +287,7 @@ def test_kl_check_grads_to_second_order():
     mask = np.ones((3, 5), bool)
     mask[0, 1] = False
     mask[2] = False
-    f = lambda a, b, t: jsoftmax.kl_divergence(a, b, where=mask, temperature=t)  # noqa: E731
+    f = lambda a, b, t: jsoftmax.kl_divergence(a, b, where=mask, temperature=t)
     check_grads(f, (a, b, 0.7), order=2, modes=["fwd", "rev"])
 
 
@@ -293,12 +295,12 @@ def test_kl_hinton_scaling_and_dtypes(pair):
     p, q = pair
     t = 4.0
     scaled = t**2 * jsoftmax.kl_divergence(p, q, temperature=t)
-    want = [t**2 * ref.kl_divergence(a, b, None, t) for a, b in zip(p, q)]
+    want = [t**2 * ref.kl_divergence(a, b, None, t) for a, b in zip(p, q, strict=True)]
     np.testing.assert_allclose(scaled, want, rtol=1e-5)
     mixed = jsoftmax.kl_divergence(jnp.asarray(p, jnp.bfloat16), jnp.asarray(q))
     assert mixed.dtype == jnp.float32
-    assert jsoftmax.kl_divergence(jnp.asarray(p, jnp.bfloat16), jnp.asarray(q, jnp.bfloat16)).dtype \
-        == jnp.bfloat16
+    low = jsoftmax.kl_divergence(jnp.asarray(p, jnp.bfloat16), jnp.asarray(q, jnp.bfloat16))
+    assert low.dtype == jnp.bfloat16
 
 
 def test_kl_bad_arguments_name_the_fix():
