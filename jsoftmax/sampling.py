@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from jsoftmax import _normalise as nz
 from jsoftmax._checks import (
     Axis,
     _broadcasts_to,
@@ -56,7 +57,12 @@ def _sample(key, x, mask, t, top_k, top_p):
     else:
         index = None
     live = scores != -_INF
-    log_probs = log_softmax(scores, -1, None, temperature=1.0 if t is None else t)
+    if top_p is None:
+        # The draw needs the tempered logits only: log s is one constant per
+        # slice, which cannot move the argmax (and costs compile time).
+        log_probs, _ = nz.logits((scores.ndim - 1,), scores, t)
+    else:
+        log_probs = log_softmax(scores, -1, None, temperature=1.0 if t is None else t)
     if top_p is not None:
         if index is None:
             order = jnp.argsort(-scores, axis=-1, stable=True)
