@@ -57,7 +57,7 @@ def _ours(kind, x, y, where):
     )
 
 
-def _describe_loss(value) -> str:
+def describe_value(value) -> str:
     value = float(value)
     if np.isnan(value):
         return "NaN"
@@ -66,7 +66,7 @@ def _describe_loss(value) -> str:
     return f"{value:.4g}"
 
 
-def _describe_grad(grad) -> str:
+def describe_grad(grad) -> str:
     grad = np.asarray(grad)
     if np.isnan(grad).any():
         return "NaN"
@@ -89,8 +89,8 @@ def edge_case_table() -> list[dict[str, str]]:
             value, grad = jax.jit(
                 jax.value_and_grad(lambda x, y, w, loss=loss, kind=kind: loss(kind, x, y, w))
             )(x, y, w)
-            row[f"{lib} loss"] = _describe_loss(value)
-            row[f"{lib} grad"] = _describe_grad(grad)
+            row[f"{lib} loss"] = describe_value(value)
+            row[f"{lib} grad"] = describe_grad(grad)
         rows.append(row)
     return rows
 

@@ -156,7 +156,7 @@ def _call_time(compiled, args, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def _time_interleaved(compiled: dict, args: dict, *, seconds, min_reps, max_reps, rng):
+def time_interleaved(compiled: dict, args: dict, *, seconds, min_reps, max_reps, rng):
     """Median-friendly samples: each repetition times every program once, in a
     random order; a sample is ``calls`` back-to-back calls (each blocked on)."""
     for name, c in compiled.items():
@@ -175,7 +175,7 @@ def _time_interleaved(compiled: dict, args: dict, *, seconds, min_reps, max_reps
     return {k: np.asarray(v) for k, v in times.items()}, reps, calls
 
 
-def _temp_bytes(compiled) -> int:
+def temp_bytes(compiled) -> int:
     stats = compiled.memory_analysis()
     return int(getattr(stats, "temp_size_in_bytes", -1)) if stats is not None else -1
 
@@ -203,7 +203,7 @@ def bench_case(pair: Pair, shape, dtype, mode, *, seconds, min_reps, max_reps, r
         "ours": jax.jit(ours).lower(*args).compile(),
         "ref": jax.jit(ref).lower(*args).compile(),
     }
-    temp = {name: _temp_bytes(c) for name, c in single.items()}
+    temp = {name: temp_bytes(c) for name, c in single.items()}
     if copies > 1:
         arg_sets = [args] + [
             _programs(pair.ours, *_inputs(shape, dtype, pair.labels, seed=r), mode)[1]
@@ -219,7 +219,7 @@ def bench_case(pair: Pair, shape, dtype, mode, *, seconds, min_reps, max_reps, r
     compiled = {**compiled,
                 "floor": jax.jit(_copies(jnp.exp, copies)).lower(*floor_args).compile()}
     all_args = {"ours": args, "ref": args, "floor": floor_args}
-    times, reps, calls = _time_interleaved(
+    times, reps, calls = time_interleaved(
         compiled, all_args, seconds=seconds, min_reps=min_reps, max_reps=max_reps, rng=rng)
     times = {k: v / copies for k, v in times.items()}
     ratios = times["ours"] / times["ref"]

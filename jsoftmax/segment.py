@@ -79,26 +79,33 @@ def _num_segments(name, ids, num_segments):
 
 
 def _segment_arrays(num_segments, indices_are_sorted, x, ids, t, mask, layout):
-    """Inside the jit: the segments, the temperature per segment (or scalar)
-    and per entry, and the mask with entries outside every segment excluded."""
-    seg = nz.Segments(ids, num_segments, indices_are_sorted)
+    """Inside the jit: the segments, the temperature per row of their table
+    (or a scalar) and per entry, and the mask. The entries outside every
+    segment need no mask: they are normalised in rows of their own, which
+    the callers drop."""
+    seg = nz.Segments.from_ids(ids, num_segments, indices_are_sorted)
     seg_shape = (num_segments, *x.shape[1:])
     t = shaped_temperature(t, layout, seg_shape, (), compute_dtype(x.dtype))
     if t is not None and t.ndim:
-        t = jnp.broadcast_to(t, seg_shape)
-    t_entries = t if t is None or t.ndim == 0 else seg.per_entry(t, 1.0)
-    members = seg.members(x.ndim)
-    mask = shaped_mask(mask, x.shape)
-    mask = members if mask is None else mask & members
-    return seg, t, t_entries, mask
+        t = seg.table(jnp.broadcast_to(t, seg_shape), 1.0)
+    return seg, t, _entries(seg, t), shaped_mask(mask, x.shape)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _per_entry_jit(fn, num_segments, indices_are_sorted, dtype, layout, x, ids, t, mask):
+def _entries(seg, t):
+    """The temperature of each entry."""
+    return t if t is None or t.ndim == 0 else seg.per_entry(t)
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _per_entry_jit(fn, excluded, num_segments, indices_are_sorted, dtype, layout, x, ids, t,
+                   mask):
     seg, _, t_entries, mask = _segment_arrays(
         num_segments, indices_are_sorted, x, ids, t, mask, layout
     )
-    return fn(seg, x, t_entries, mask).astype(dtype)
+    out = fn(seg, x, t_entries, mask)
+    # A select on the output: masking these entries' input instead costs
+    # a second pass of the segment reductions on XLA:CPU.
+    return jnp.where(seg.members(x.ndim), out, excluded).astype(dtype)
 
 
 _DOC_ARGS = """
@@ -130,7 +137,7 @@ def segment_softmax(
     indices_are_sorted: bool = False,
 ) -> jax.Array:
     return _per_entry_jit(
-        softmax_over, *_static_and_arrays("segment_softmax", logits, segment_ids,
+        softmax_over, 0.0, *_static_and_arrays("segment_softmax", logits, segment_ids,
                                           num_segments, where, temperature, indices_are_sorted)
     )
 
@@ -145,7 +152,7 @@ def segment_log_softmax(
     indices_are_sorted: bool = False,
 ) -> jax.Array:
     return _per_entry_jit(
-        log_softmax_over, *_static_and_arrays("segment_log_softmax", logits, segment_ids,
+        log_softmax_over, -float("inf"), *_static_and_arrays("segment_log_softmax", logits, segment_ids,
                                               num_segments, where, temperature,
                                               indices_are_sorted)
     )
@@ -209,9 +216,9 @@ segment_log_softmax.__doc__ = r"""Log-softmax over the entries that share a segm
 
 
 def _logsumexp_parts(seg, x, t, t_entries, mask):
-    """``(lse, z, s)``: lse and s per segment, z per entry."""
+    """``(lse, z, s)``: lse and s per row of the segment table, z per entry."""
     shift = nz.slice_shift(seg, x, t, mask, keepdims=False)
-    z = nz.shifted(x, seg.per_entry(shift, 0.0), t_entries, mask)
+    z = nz.shifted(x, seg.per_entry(shift), t_entries, mask)
     s = nz.reduce_sum(jnp.exp(z), seg, keepdims=False)
     return nz.log_sum(shift, s, t), z, s
 
@@ -219,10 +226,6 @@ def _logsumexp_parts(seg, x, t, t_entries, mask):
 @jax.custom_jvp
 def _segment_logsumexp(seg, x, t, mask):
     return _logsumexp_parts(seg, x, t, _entries(seg, t), mask)[0]
-
-
-def _entries(seg, t):
-    return t if t is None or t.ndim == 0 else seg.per_entry(t, 1.0)
 
 
 @partial(_segment_logsumexp.defjvp, symbolic_zeros=True)
@@ -234,7 +237,7 @@ def _segment_logsumexp_jvp(primals, tangents):
     lse, z, s = _logsumexp_parts(seg, x, t, _entries(seg, t), mask)
     out = jnp.zeros_like(lse)
     if dx is not None:
-        probs = nz.probabilities(z, seg.per_entry(s, 0.0))
+        probs = nz.probabilities(z, seg.per_entry(s))
         out = out + nz.reduce_sum(probs * dx, seg, keepdims=False)
     if dt is not None:
         out = out + nz.entropy(z, seg, keepdims=False) * dt
@@ -244,7 +247,7 @@ def _segment_logsumexp_jvp(primals, tangents):
 @partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _logsumexp_jit(num_segments, indices_are_sorted, dtype, layout, x, ids, t, mask):
     seg, t, _, mask = _segment_arrays(num_segments, indices_are_sorted, x, ids, t, mask, layout)
-    return _segment_logsumexp(seg, x, t, mask).astype(dtype)
+    return seg.segment_rows(_segment_logsumexp(seg, x, t, mask)).astype(dtype)
 
 
 def segment_logsumexp(
