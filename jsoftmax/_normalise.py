@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from jsoftmax._checks import upcast
+from jsoftmax._checks import upcast, widen_labels
 
 __all__ = [
     "INF",
@@ -107,21 +107,30 @@ class Reduction(tuple):
 class Segments:
     """Ragged slices: the entries (axis 0) that share a segment id.
 
-    Trailing axes are independent slices, as batch axes are. A reduction
-    with ``keepdims`` gives each entry its segment's total (so every
-    function of this module works per segment unchanged); without, one row
-    per segment. An entry whose id is outside [0, num_segments) belongs to
-    no segment: :meth:`members` is False there and it gets the reduction's
-    identity back.
+    Trailing axes are independent slices, as batch axes are. The ids are
+    stored shifted by one and clipped, as rows of a table of
+    ``num_segments + 2``: row 0 collects the entries with a negative id and
+    the last row those with an id >= num_segments (an order-preserving map,
+    so sorted ids stay sorted). Those entries belong to no segment: the
+    caller excludes them (:meth:`members`). A reduction with ``keepdims``
+    gives each entry its row's total, so every function of this module works
+    per segment unchanged; without, it gives the table (:meth:`segment_rows`
+    drops the two extra rows).
     """
 
-    def __init__(self, ids: jax.Array, num_segments: int, indices_are_sorted: bool = False):
-        self.ids = ids
+    def __init__(self, rows: jax.Array, num_segments: int, indices_are_sorted: bool = False):
+        self.rows = rows
         self.num_segments = num_segments
         self.indices_are_sorted = indices_are_sorted
 
+    @classmethod
+    def from_ids(cls, ids: jax.Array, num_segments: int, indices_are_sorted: bool = False):
+        ids = widen_labels(ids)  # ids + 1 must not wrap around
+        rows = jnp.where(ids < 0, 0, jnp.where(ids >= num_segments, num_segments + 1, ids + 1))
+        return cls(rows, num_segments, indices_are_sorted)
+
     def tree_flatten(self):
-        return (self.ids,), (self.num_segments, self.indices_are_sorted)
+        return (self.rows,), (self.num_segments, self.indices_are_sorted)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -130,18 +139,25 @@ class Segments:
     def members(self, ndim: int) -> jax.Array:
         """True for the entries that belong to a segment, shaped to broadcast
         against an entries array of rank ``ndim``."""
-        valid = (self.ids >= 0) & (self.ids < self.num_segments)
+        valid = (self.rows > 0) & (self.rows <= self.num_segments)
         return valid.reshape(valid.shape + (1,) * (ndim - 1))
 
-    def per_entry(self, totals: jax.Array, identity: float) -> jax.Array:
-        """Each entry's row of the per-segment ``totals``."""
-        return jnp.take(totals, self.ids, axis=0, mode="fill", fill_value=identity)
+    def table(self, per_segment: jax.Array, fill: float) -> jax.Array:
+        """Per-segment values ([num_segments, ...]) as the table of rows."""
+        pad = [(1, 1)] + [(0, 0)] * (per_segment.ndim - 1)
+        return jnp.pad(per_segment, pad, constant_values=fill)
 
-    def reduce(self, op, v, keepdims, identity):
-        totals = op(
-            v, self.ids, self.num_segments, indices_are_sorted=self.indices_are_sorted
-        )
-        return self.per_entry(totals, identity) if keepdims else totals
+    def segment_rows(self, table: jax.Array) -> jax.Array:
+        """The rows of the segments proper, [num_segments, ...]."""
+        return table[1 : self.num_segments + 1]
+
+    def per_entry(self, table: jax.Array) -> jax.Array:
+        """Each entry's row of ``table`` (the ids are in range by construction)."""
+        return table.at[self.rows].get(mode="promise_in_bounds")
+
+    def reduce(self, op, v, keepdims):
+        table = op(v, self.rows, self.num_segments + 2, indices_are_sorted=self.indices_are_sorted)
+        return self.per_entry(table) if keepdims else table
 
 
 def reduction(axes: tuple[int, ...], axis_name: AxisName | None) -> Reduction:
@@ -157,7 +173,7 @@ def reduce_sum(v: jax.Array, axes, keepdims: bool = True) -> jax.Array:
     """Sum over ``axes`` and, for a :class:`Reduction`, over its mesh axis;
     per segment for :class:`Segments`."""
     if isinstance(axes, Segments):
-        return axes.reduce(jax.ops.segment_sum, v, keepdims, 0.0)
+        return axes.reduce(jax.ops.segment_sum, v, keepdims)
     out = jnp.sum(v, axis=tuple(axes), keepdims=keepdims)
     name = _axis_name(axes)
     return out if name is None else lax.psum(out, name)
@@ -166,7 +182,7 @@ def reduce_sum(v: jax.Array, axes, keepdims: bool = True) -> jax.Array:
 def reduce_max(v: jax.Array, axes, keepdims: bool = True) -> jax.Array:
     """Max over ``axes`` (-inf for an empty slice), across shards too."""
     if isinstance(axes, Segments):
-        return axes.reduce(jax.ops.segment_max, v, keepdims, -INF)
+        return axes.reduce(jax.ops.segment_max, v, keepdims)
     out = jnp.max(v, axis=tuple(axes), keepdims=keepdims, initial=-INF)
     name = _axis_name(axes)
     return out if name is None else lax.pmax(out, name)
