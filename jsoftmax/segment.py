@@ -27,6 +27,7 @@ from jsoftmax._checks import (
     shaped_temperature,
     temperature_spec,
 )
+from jsoftmax._normalise import INF
 from jsoftmax.core import log_softmax_over, softmax_over
 
 __all__ = ["segment_log_softmax", "segment_logsumexp", "segment_softmax"]
@@ -136,10 +137,11 @@ def segment_softmax(
     temperature: ArrayLike = 1.0,
     indices_are_sorted: bool = False,
 ) -> jax.Array:
-    return _per_entry_jit(
-        softmax_over, 0.0, *_static_and_arrays("segment_softmax", logits, segment_ids,
-                                          num_segments, where, temperature, indices_are_sorted)
+    args = _static_and_arrays(
+        "segment_softmax", logits, segment_ids, num_segments, where, temperature,
+        indices_are_sorted,
     )
+    return _per_entry_jit(softmax_over, 0.0, *args)
 
 
 def segment_log_softmax(
@@ -151,15 +153,16 @@ def segment_log_softmax(
     temperature: ArrayLike = 1.0,
     indices_are_sorted: bool = False,
 ) -> jax.Array:
-    return _per_entry_jit(
-        log_softmax_over, -float("inf"), *_static_and_arrays("segment_log_softmax", logits, segment_ids,
-                                              num_segments, where, temperature,
-                                              indices_are_sorted)
+    args = _static_and_arrays(
+        "segment_log_softmax", logits, segment_ids, num_segments, where, temperature,
+        indices_are_sorted,
     )
+    return _per_entry_jit(log_softmax_over, -INF, *args)
 
 
 def _static_and_arrays(name, logits, segment_ids, num_segments, where, temperature, ordered):
-    """The arguments of the jitted call after ``fn``: static ones, then arrays."""
+    """The arguments of the jitted calls after their function and fill value:
+    the static ones, then the arrays."""
     x, dtype, ids, n, mask, t, layout = _canonical_args(
         name, logits, segment_ids, num_segments, where, temperature
     )
@@ -259,10 +262,11 @@ def segment_logsumexp(
     temperature: ArrayLike = 1.0,
     indices_are_sorted: bool = False,
 ) -> jax.Array:
-    return _logsumexp_jit(
-        *_static_and_arrays("segment_logsumexp", logits, segment_ids, num_segments, where,
-                            temperature, indices_are_sorted)
+    args = _static_and_arrays(
+        "segment_logsumexp", logits, segment_ids, num_segments, where, temperature,
+        indices_are_sorted,
     )
+    return _logsumexp_jit(*args)
 
 
 segment_logsumexp.__doc__ = r"""Log-sum-exp of each segment; with temperature, its smooth max.
