@@ -34,14 +34,15 @@ for t in [0.0, 0.001, 0.5, 1.0, 2.0, 10.0, 100.0, jnp.inf]:
 # ## 2. Entropy against temperature
 #
 # The entropy $H = -\sum_i p_i \log p_i$ climbs from 0 (one-hot) to $\log 4 \approx 1.386$
-# (uniform). We compute it for many temperatures at once: `temperature` accepts one value per
-# row, so a batch of identical rows with different temperatures is a single call.
+# (uniform). `jsoftmax.entropy` computes it from the logits, where the formula by hand meets
+# 0 * log 0 at small $t$. We compute it for many temperatures at once: `temperature` accepts
+# one value per row, so a batch of identical rows with different temperatures is one call.
 # %%
 temps = jnp.logspace(-2, 3, 200)
 rows = jnp.broadcast_to(logits, (temps.size, logits.size))
-p = jsoftmax.softmax(rows, temperature=temps)
-logp = jsoftmax.log_softmax(rows, temperature=temps)
-entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+entropy = jsoftmax.entropy(rows, temperature=temps)
+print("t = 0:  ", float(jsoftmax.entropy(logits, temperature=0.0)), "(one-hot)")
+print("t = inf:", float(jsoftmax.entropy(logits, temperature=jnp.inf)), "= log 4")
 fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
 ax.semilogx(temps, entropy)
 ax.axhline(np.log(4), ls=":", c="gray", label="log 4 (uniform)")
@@ -68,9 +69,8 @@ for t in [10.0, 1.0, 0.1, 0.01, 0.0]:
 # %%
 t = 2.0
 dlse_dt = jax.grad(lambda t: jsoftmax.logsumexp(logits, temperature=t))(t)
-p_t = jsoftmax.softmax(logits, temperature=t)
 print("d logsumexp / dt:", float(dlse_dt))
-print("entropy at t=2:  ", float(-jnp.sum(p_t * jnp.log(p_t))))
+print("entropy at t=2:  ", float(jsoftmax.entropy(logits, temperature=t)))
 print("d softmax / dt:  ", jax.jacfwd(lambda t: jsoftmax.softmax(logits, temperature=t))(t))
 # %% [markdown]
 # ## 5. Sampling
