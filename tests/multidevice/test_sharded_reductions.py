@@ -66,6 +66,10 @@ def _functions(axis_name):
         "logsumexp_keepdims": lambda x, t, m, b: jsoftmax.logsumexp(
             x, axis=1, where=m, keepdims=True, **kw
         ),
+        "entropy": lambda x, t, m, b: jsoftmax.entropy(x, where=m, temperature=t, **kw),
+        "kl_divergence": lambda x, t, m, b: jsoftmax.kl_divergence(
+            x, 4 * b, where=m, temperature=t, **kw
+        ),
     }
 
 
