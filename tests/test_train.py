@@ -1,4 +1,4 @@
-"""Tests for the training example (jsoftmax.train) and jsoftmax.calibration.
+"""Tests for the training example (jsoftmax_demo.train) and jsoftmax.calibration.
 
 The end-to-end runs use tiny configurations; the 4-device run is a subprocess
 because XLA_FLAGS must be set before JAX initialises.
@@ -20,8 +20,8 @@ import pytest
 from jax.test_util import check_grads
 
 import jsoftmax
-from jsoftmax import train
 from jsoftmax.calibration import mean_nll
+from jsoftmax_demo import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -247,7 +247,7 @@ def test_missing_gpu_is_a_clear_error(capsys):
 def test_four_devices_agree_with_one(runs, tmp_path):
     metrics, *_ = runs["digits"]
     proc = subprocess.run(
-        [sys.executable, "-m", "jsoftmax.train", *TINY["digits"], "--out", str(tmp_path)],
+        [sys.executable, "-m", "jsoftmax_demo.train", *TINY["digits"], "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env=_subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
                             JAX_PLATFORMS="cpu"),
@@ -263,7 +263,7 @@ def test_four_devices_agree_with_one(runs, tmp_path):
 def test_import_jsoftmax_needs_no_demo_extras():
     code = (
         "import sys, jsoftmax; "
-        "print([m for m in ('sklearn', 'matplotlib', 'tqdm', 'jsoftmax.train') "
+        "print([m for m in ('sklearn', 'matplotlib', 'tqdm', 'optax', 'jsoftmax_demo') "
         "if m in sys.modules])"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,

@@ -10,8 +10,9 @@ after. Run ``jsoftmax-train --help`` for the flags.
 The pieces are importable for notebooks: :func:`load_dataset`,
 :func:`init_mlp`, :func:`mlp_apply`, :func:`make_train_step`,
 :func:`select_devices`, :func:`train`, :func:`predict_logits`,
-:func:`calibrate`. scikit-learn, matplotlib and tqdm (the ``demo`` extra) are
-imported only inside the functions that need them.
+:func:`calibrate`. optax comes with the ``demo`` extra, as do scikit-learn,
+matplotlib and tqdm, which are imported only inside the functions that need
+them. Also runnable as ``python -m jsoftmax_demo.train``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+try:
+    import optax
+except ImportError as err:  # optax left the library's dependencies for the demo extra
+    raise ImportError(
+        'jsoftmax_demo needs optax; install the demo extra: pip install "jsoftmax[demo]"'
+    ) from err
 
 from jsoftmax.calibration import (
     expected_calibration_error,
@@ -94,7 +101,7 @@ def make_spirals(
       ``(x, y)``: float32 points of shape (K * n, 2) and int32 labels.
 
     Examples:
-      >>> from jsoftmax.train import make_spirals
+      >>> from jsoftmax_demo.train import make_spirals
       >>> x, y = make_spirals(num_classes=3, points_per_class=5)
       >>> x.shape, np.bincount(y).tolist()
       ((15, 2), [5, 5, 5])
@@ -161,7 +168,7 @@ def mlp_apply(params: Params, x: jax.Array) -> jax.Array:
     """Logits of the MLP: ReLU hidden layers, a linear last layer.
 
     Examples:
-      >>> from jsoftmax.train import init_mlp, mlp_apply
+      >>> from jsoftmax_demo.train import init_mlp, mlp_apply
       >>> params = init_mlp(jax.random.key(0), [4, 8, 3])
       >>> mlp_apply(params, jnp.ones((2, 4))).shape
       (2, 3)
