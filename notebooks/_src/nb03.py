@@ -13,8 +13,9 @@
 # 5. fit a temperature on the validation set (temperature scaling) and compare reliability
 #    diagrams before and after.
 #
-# The package implements; the notebook shows. Everything imported from `jsoftmax.train` and
-# `jsoftmax.calibration` is a few dozen lines you can read there.
+# The packages implement; the notebook shows. Everything imported from `jsoftmax_demo.train`
+# (the example, apart from the library) and `jsoftmax.calibration` is a few dozen lines you
+# can read there.
 # %%
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ import optax
 
 import jsoftmax
 from jsoftmax.calibration import expected_calibration_error, fit_temperature, reliability_bins
-from jsoftmax.train import init_mlp, load_dataset, mlp_apply, train
+from jsoftmax_demo.train import init_mlp, load_dataset, mlp_apply, train
 
 print("backend:", jax.default_backend(), "devices:", jax.devices())
 # %% [markdown]
@@ -88,7 +89,7 @@ print(per_example.shape, "max difference from the batched call:",
 # %% [markdown]
 # ## 4. Training
 #
-# `jsoftmax.train.train` runs the same step over shuffled mini-batches for a number of epochs
+# `jsoftmax_demo.train.train` runs the same step over shuffled mini-batches for a number of epochs
 # (and shards each batch over the local devices when there are several). We train for 40
 # epochs here.
 # %%
