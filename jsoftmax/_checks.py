@@ -355,3 +355,24 @@ def _broadcasts_to(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
         return np.broadcast_shapes(src, dst) == tuple(dst)
     except ValueError:
         return False
+
+
+def weights_spec(name: str, weights: ArrayLike | None, shape: tuple[int, ...]) -> ArrayLike | None:
+    """Checks from static information only that ``weights`` are real numbers
+    that broadcast to ``shape`` (the examples'); returns them as
+    :func:`host_array` does, for the jitted computation to convert."""
+    if weights is None:
+        return None
+    w_shape = tuple(np.shape(weights))
+    if not _broadcasts_to(w_shape, tuple(shape)):
+        raise ValueError(
+            f"{name}: weights has shape {w_shape}, which does not broadcast to the "
+            f"examples' shape {tuple(shape)}; give one weight per example (labels' shape)"
+        )
+    dtype = dtype_of(name, weights, "weights")
+    if not _facts_of(dtype)[1]:
+        raise TypeError(
+            f"{name}: weights has dtype {dtype}, which is not a real number type; "
+            "cast it first, e.g. weights.astype(jnp.float32)"
+        )
+    return host_array(weights)

@@ -38,6 +38,7 @@ from jsoftmax._checks import (
     shaped_mask,
     shaped_temperature,
     temperature_spec,
+    weights_spec,
     widen_labels,
 )
 from jsoftmax.core import AxisName
@@ -123,20 +124,52 @@ def _varying(x, axes):
     return lax.pvary(x, missing)  # jax < 0.8
 
 
-def _over_chunks(step, carry, w, v_local, chunk):
-    """Runs ``carry = step(carry, start, w[:, start:start + chunk])`` over the
-    vocabulary: a fori_loop over the full chunks, then the remainder once."""
+def _over_chunks(step, carry, v_local, chunk):
+    """Runs ``carry = step(carry, start, size)`` over the vocabulary: a
+    fori_loop over the full chunks, then the remainder once."""
     count, remainder = divmod(v_local, chunk)
     if count:
-        carry = lax.fori_loop(
-            0,
-            count,
-            lambda i, c: step(c, i * chunk, lax.dynamic_slice_in_dim(w, i * chunk, chunk, axis=1)),
-            carry,
-        )
+        carry = lax.fori_loop(0, count, lambda i, c: step(c, i * chunk, chunk), carry)
     if remainder:
-        carry = step(carry, count * chunk, w[:, count * chunk :])
+        carry = step(carry, count * chunk, remainder)
     return carry
+
+
+def _cols(x, start, size):
+    """Columns ``start:start + size`` of ``x``'s last (vocabulary) axis."""
+    return lax.dynamic_slice_in_dim(x, start, size, axis=x.ndim - 1)
+
+
+def _linear(h, w, bias, start, size):
+    """The chunk ``h @ w + bias`` of the raw logits, in the accumulation dtype."""
+    z = _dot(h, _cols(w, start, size))
+    if bias is not None:
+        z = z + _cols(bias, start, size).astype(z.dtype)
+    return z
+
+
+def _cap_on(cap):
+    """Whether capping applies: 0 and inf (the identity's limit) switch it off."""
+    return (cap > 0) & jnp.isfinite(cap)
+
+
+def _soft_cap(z, cap):
+    """``cap * tanh(z / cap)`` and the tanh (None when there is no cap)."""
+    if cap is None:
+        return z, None
+    on = _cap_on(cap)
+    c = jnp.where(on, cap, 1.0)
+    th = jnp.tanh(z / c)
+    return jnp.where(on, c * th, z), th
+
+
+def _soft_cap_grads(z, th, cap):
+    """``(d capped / d z, d capped / d cap)`` from :func:`_soft_cap`'s tanh."""
+    on = _cap_on(cap)
+    # 1 - tanh**2 as a product keeps a little more accuracy near |tanh| = 1.
+    slope = (1.0 - th) * (1.0 + th)
+    u = z / jnp.where(on, cap, 1.0)
+    return jnp.where(on, slope, 1.0), jnp.where(on, th - u * slope, 0.0)
 
 
 # --------------------------------------------------------------------------
@@ -144,13 +177,26 @@ def _over_chunks(step, carry, w, v_local, chunk):
 # --------------------------------------------------------------------------
 
 
-def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
+def _label_logit(h, w, bias, cap, local, v_local):
+    """Each row's (capped) logit of its label, gathered from its weight
+    column; the caller zeroes the rows whose label is on another shard."""
+    acc = _acc(h.dtype)
+    index = jnp.clip(local, 0, v_local - 1)
+    w_label = jnp.take(w, index, axis=1)  # [D, N]
+    z = jnp.sum(h.astype(acc) * w_label.T.astype(acc), axis=1)
+    if bias is not None:
+        z = z + jnp.take(bias, index).astype(acc)
+    return _soft_cap(z, cap)[0]
+
+
+def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask):
     """Returns per-example ``(lse, gap, y_label, y_sum, valid)``, each [N].
 
-    ``y = (h @ w) * inv_t`` are the scaled logits; ``lse`` is their
-    logsumexp over the (global) vocabulary, ``y_label`` the label's logit,
-    ``gap = lse - y_label`` the cross-entropy, ``y_sum`` the sum of all
-    logits (for label smoothing) and ``valid`` whether the label is in range.
+    ``y = cap(h @ w + bias) * inv_t`` are the scaled logits (``cap`` the
+    soft cap, when there is one); ``lse`` is their logsumexp over the
+    (global) vocabulary, ``y_label`` the label's logit, ``gap = lse -
+    y_label`` the cross-entropy, ``y_sum`` the sum of all logits (for label
+    smoothing) and ``valid`` whether the label is in range.
 
     The loop accumulates, besides the running maximum m, the sum of
     exp(y - m) over every class but the label. Then
@@ -169,33 +215,34 @@ def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
     def scaled(z):
         return z if inv_t is None else z * inv_t
 
-    def step(carry, start, w_c):
-        m, rest = carry
-        y = scaled(_dot(h, w_c))
+    def step(carry, start, size):
+        m, rest, y_sum = carry
+        y = scaled(_soft_cap(_linear(h, w, bias, start, size), cap)[0])
         m_new = jnp.maximum(m, jnp.max(y, axis=1))
         shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, w_c.shape[1]), 1)
+        cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
         terms = jnp.where(cols == labels[:, None], 0.0, jnp.exp(y - shift[:, None]))
         rest = rest * jnp.exp(m - shift) + jnp.sum(terms, axis=1)
-        return m_new, rest
+        if cap is not None:
+            # Capped logits are not linear in w: their sum is accumulated.
+            y_sum = y_sum + jnp.sum(y, axis=1)
+        return m_new, rest, y_sum
 
-    carry = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc))
+    carry = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc), jnp.zeros((n,), acc))
     # Under shard_map, the loop state varies over whatever the chunks vary over.
-    axes = _vma(h, w, labels, inv_t)
+    axes = _vma(h, w, bias, labels, inv_t, cap)
     carry = tuple(_varying(c, axes) for c in carry)
-    carry = _over_chunks(step, carry, w, v_local, chunk)
-    m, rest = carry
+    m, rest, y_sum = _over_chunks(step, carry, v_local, chunk)
     if axis_name is not None:
         m_global = lax.pmax(m, axis_name)
         shift = jnp.where(jnp.isfinite(m_global), m_global, 0.0)
         rest = lax.psum(rest * jnp.exp(m - shift), axis_name)
         m = m_global
 
-    # The label's logit, gathered from its weight column (0 if out of range).
+    # The label's logit (0 if out of range).
     local = labels - offset
     here = (local >= 0) & (local < v_local)
-    w_label = jnp.take(w, jnp.clip(local, 0, v_local - 1), axis=1)  # [D, N]
-    y_label = jnp.sum(h.astype(acc) * w_label.T.astype(acc), axis=1)
+    y_label = _label_logit(h, w, bias, cap, local, v_local)
     if inv_t is not None:
         y_label = y_label * inv_t.reshape(inv_t.shape[:1])
     y_label = _psum(jnp.where(here, y_label, 0.0), axis_name)
@@ -217,10 +264,14 @@ def _forward(chunk, axis_name, h, w, labels, inv_t, mask):
     top = jnp.where(jnp.isfinite(m), m, 0.0)
     lse = top + jnp.log(rest + jnp.exp(y_label - top))
 
-    # The sum of the logits, straight from the weights' row sums.
-    y_sum = _dot(h.astype(acc), jnp.sum(w, axis=1, dtype=acc))
-    if inv_t is not None:
-        y_sum = y_sum * inv_t.reshape(inv_t.shape[:1])
+    if cap is None:
+        # Without a cap the sum of the logits comes straight from the
+        # weights' row sums (and the bias's sum).
+        y_sum = _dot(h.astype(acc), jnp.sum(w, axis=1, dtype=acc))
+        if bias is not None:
+            y_sum = y_sum + jnp.sum(bias, dtype=acc)
+        if inv_t is not None:
+            y_sum = y_sum * inv_t.reshape(inv_t.shape[:1])
     y_sum = _psum(y_sum, axis_name)
     valid = (labels >= 0) & (labels < _vocab_size(axis_name, v_local))
     return lse, gap, y_label, y_sum, valid
@@ -243,8 +294,8 @@ def _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused(chunk, axis_name, h, w, labels, t, mask, alpha, z_loss):
-    loss, _ = _fused_fwd(chunk, axis_name, h, w, labels, t, mask, alpha, z_loss)
+def _fused(chunk, axis_name, h, w, bias, labels, t, cap, mask, alpha, z_loss):
+    loss, _ = _fused_fwd(chunk, axis_name, h, w, bias, labels, t, cap, mask, alpha, z_loss)
     return loss
 
 
@@ -252,21 +303,24 @@ def _inverse(t):
     return None if t is None else 1.0 / t
 
 
-def _fused_fwd(chunk, axis_name, h, w, labels, t, mask, alpha, z_loss):
+def _fused_fwd(chunk, axis_name, h, w, bias, labels, t, cap, mask, alpha, z_loss):
     lse, gap, y_label, y_sum, valid = _forward(
-        chunk, axis_name, h, w, labels, _inverse(t), mask
+        chunk, axis_name, h, w, bias, labels, _inverse(t), cap, mask
     )
     vocab = _vocab_size(axis_name, w.shape[1])
     loss = _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab)
     if t is not None:
         ok = (t > 0) & jnp.isfinite(t)
         loss = jnp.where(ok.reshape(ok.shape[:1]) if ok.ndim else ok, loss, jnp.nan)
-    residuals = (h, w, labels, t, mask, alpha, z_loss, lse, y_label, y_sum, valid)
+    if cap is not None:
+        # A traced negative or NaN cap: NaN, as for an invalid temperature.
+        loss = jnp.where((cap >= 0) | (cap == jnp.inf), loss, jnp.nan)
+    residuals = (h, w, bias, labels, t, cap, mask, alpha, z_loss, lse, y_label, y_sum, valid)
     return loss, residuals
 
 
 def _fused_bwd(chunk, axis_name, residuals, g):
-    h, w, labels, t, mask, alpha, z_loss, lse, y_label, y_sum, valid = residuals
+    h, w, bias, labels, t, cap, mask, alpha, z_loss, lse, y_label, y_sum, valid = residuals
     if axis_name is not None and not set(_axis_names(axis_name)) <= _vma(w):
         # Without the varying-axes types, shard_map hands us a cotangent we
         # cannot tell apart from a replicated one, and the weight gradient
@@ -296,31 +350,41 @@ def _fused_bwd(chunk, axis_name, residuals, g):
         row_inv_t = inv_t if inv_t.ndim == 0 else inv_t.reshape(n, 1)
     lse_col = lse[:, None]
 
-    def step(carry, start, w_c):
-        dh, dw, ty = carry
-        z = _dot(h, w_c)
-        y = z if inv_t is None else z * row_inv_t
+    def step(carry, start, size):
+        dh, dw, db, ty, tc = carry
+        z = _linear(h, w, bias, start, size)
+        capped, th = _soft_cap(z, cap)
+        y = capped if inv_t is None else capped * row_inv_t
         p = jnp.exp(y - lse_col)
-        cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, w_c.shape[1]), 1)
+        cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
         dy = a * p - jnp.where(cols == labels[:, None], b, 0.0) - e
         if inv_t is not None:
             ty = ty + jnp.sum(dy * y, axis=1)
             dy = dy * row_inv_t
+        if cap is not None:
+            # Through the cap: d capped / d z = 1 - tanh(z / c)**2.
+            slope, d_cap = _soft_cap_grads(z, th, cap)
+            tc = tc + jnp.sum(dy * d_cap, axis=1)
+            dy = dy * slope
         dz = dy.astype(w.dtype)
-        dh = dh + _dot(dz, w_c.T)
+        dh = dh + _dot(dz, _cols(w, start, size).T)
         dw_c = _dot_tn(h, dz.astype(h.dtype)).astype(w.dtype)
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=1)
-        return dh, dw, ty
+        if bias is not None:
+            db_c = jnp.sum(dy, axis=0).astype(bias.dtype)
+            db = lax.dynamic_update_slice_in_dim(db, db_c, start, axis=0)
+        return dh, dw, db, ty, tc
 
     carry = (
         jnp.zeros(h.shape, acc),
         jnp.zeros(w.shape, w.dtype),
+        jnp.zeros(() if bias is None else bias.shape, w.dtype if bias is None else bias.dtype),
+        jnp.zeros((n,), acc),
         jnp.zeros((n,), acc),
     )
-    axes = _vma(h, w, labels, inv_t, a, b, e)
+    axes = _vma(h, w, bias, labels, inv_t, cap, a, b, e)
     carry = tuple(_varying(c, axes) for c in carry)
-    carry = _over_chunks(step, carry, w, v_local, chunk)
-    dh, dw, ty = carry
+    dh, dw, db, ty, tc = _over_chunks(step, carry, v_local, chunk)
     dh = _psum(dh, axis_name)
     dt = None
     if t is not None:
@@ -328,10 +392,12 @@ def _fused_bwd(chunk, axis_name, residuals, g):
         dt_rows = -_psum(ty, axis_name) * inv_t.reshape(-1)
         dt = jnp.sum(dt_rows) if t.ndim == 0 else dt_rows.reshape(t.shape)
         dt = dt.astype(t.dtype)
+    d_cap = None if cap is None else jnp.sum(_psum(tc, axis_name)).astype(cap.dtype)
     # The options' own derivatives are cheap: both are per-example numbers.
     d_alpha = jnp.sum(g * (y_label - y_sum / vocab)).astype(alpha.dtype)
     d_z = jnp.sum(g * lse * lse).astype(z_loss.dtype)
-    return dh.astype(h.dtype), dw, None, dt, None, d_alpha, d_z
+    db = None if bias is None else db
+    return dh.astype(h.dtype), dw, db, None, dt, d_cap, None, d_alpha, d_z
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -341,13 +407,42 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 # The public function: checks on static information, then one jitted call.
 # --------------------------------------------------------------------------
 
+_REDUCTIONS = ("none", "sum", "mean")
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _fused_jit(chunk, axis_name, batch, dtype, layout, h, w, labels, where, t, alpha, zeta):
+
+def _reduce(loss, mask, weights, reduction):
+    """Weights and reduction of the per-example loss, in plain JAX (autodiff
+    carries the weights into the custom derivative's cotangent)."""
+    if weights is not None:
+        loss = loss * weights
+        if mask is not None:
+            # An excluded example contributes nothing, whatever its weight.
+            loss = jnp.where(mask, loss, 0.0)
+    if reduction == "none":
+        return loss
+    total = jnp.sum(loss)
+    if reduction == "sum":
+        return total
+    count = jnp.ones(loss.shape, loss.dtype) if weights is None else weights
+    if mask is not None:
+        count = jnp.where(mask, count, 0.0)
+    count = jnp.sum(count)
+    # Nothing included (or zero total weight): 0 with zero gradients, not 0 / 0.
+    empty = count == 0
+    return jnp.where(empty, 0.0, total / jnp.where(empty, 1.0, count))
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _fused_jit(
+    chunk, axis_name, batch, dtype, layout, reduction,
+    h, w, bias, labels, where, t, cap, alpha, zeta, weights,
+):
     """Everything a call does on the device, in one computation: the casts
-    and reshapes to [N, D] rows, the temperature per row, the loss."""
+    and reshapes to [N, D] rows, the temperature per row, the loss, its
+    weights and reduction."""
     acc = _acc(dtype)
     h, w = jnp.asarray(h).astype(dtype), jnp.asarray(w).astype(dtype)
+    bias = None if bias is None else jnp.asarray(bias).astype(dtype)
     n = int(np.prod(batch, dtype=np.int64))
     d, v = w.shape
     h2 = h.reshape(n, d)
@@ -358,13 +453,14 @@ def _fused_jit(chunk, axis_name, batch, dtype, layout, h, w, labels, where, t, a
     t = shaped_temperature(t, layout, (*batch, v), (len(batch),), acc)
     if t is not None and t.ndim:
         t = jnp.broadcast_to(t, (*batch, 1)).reshape(n, 1)
+    cap = None if cap is None else jnp.asarray(cap).astype(acc)
     alpha, zeta = jnp.asarray(alpha).astype(acc), jnp.asarray(zeta).astype(acc)
     # Inside shard_map, give every input the varying mesh axes of all of them
     # except ``axis_name`` (a data-parallel batch, say), so that the custom
     # derivative sees one type; the transposes of these casts sum the
     # gradients of replicated inputs over those axes.
     names = set() if axis_name is None else set(_axis_names(axis_name))
-    every = _vma(h2, w, lab, t, mask, alpha, zeta)
+    every = _vma(h2, w, bias, lab, t, cap, mask, alpha, zeta)
     if names and every and not names <= _vma(w):
         raise ValueError(
             f"{_NAME}: axis_name={axis_name!r} but weight does not vary over that mesh axis; "
@@ -372,11 +468,16 @@ def _fused_jit(chunk, axis_name, batch, dtype, layout, h, w, labels, where, t, a
             f"{axis_name!r}) in jax.shard_map"
         )
     others = every - names
-    h2, w, lab, t, mask, alpha, zeta = (
-        _varying(x, others) for x in (h2, w, lab, t, mask, alpha, zeta)
+    h2, w, lab, t, cap, mask, alpha, zeta = (
+        _varying(x, others) for x in (h2, w, lab, t, cap, mask, alpha, zeta)
     )
-    loss = _fused(chunk, axis_name, h2, w, lab, t, mask, alpha, zeta)
-    return loss.reshape(batch).astype(dtype)
+    # The bias is a slice of the vocabulary like weight's columns.
+    bias = _varying(bias, every)
+    loss = _fused(chunk, axis_name, h2, w, bias, lab, t, cap, mask, alpha, zeta)
+    if weights is not None:
+        weights = jnp.broadcast_to(jnp.asarray(weights).astype(acc), batch).reshape(n)
+    loss = _reduce(loss, mask, weights, reduction)
+    return (loss if reduction != "none" else loss.reshape(batch)).astype(dtype)
 
 
 def _float_dtype(arg, x):
@@ -423,6 +524,44 @@ def _check_temperature(temperature):
         )
 
 
+def _check_bias(bias, w_shape):
+    """``(value, dtype)`` of a [V] bias (``(None, None)`` without one)."""
+    if bias is None:
+        return None, None
+    b = host_array(bias)
+    b_dtype = _float_dtype("bias", b)
+    if tuple(b.shape) != (w_shape[1],):
+        raise ValueError(
+            f"{_NAME}: bias has shape {tuple(b.shape)} but weight {tuple(w_shape)}; give "
+            f"one bias per vocabulary column, shape ({w_shape[1]},) (with axis_name, this "
+            "shard's slice, sharded like weight's columns)"
+        )
+    return b, b_dtype
+
+
+def _check_soft_cap(cap):
+    """The soft cap as an operand, or None when it is off (None, 0 or inf).
+
+    A Python or NumPy value must be >= 0; one in a JAX array, traced or not,
+    is never read back, and a negative or NaN one gives NaN.
+    """
+    if cap is None:
+        return None
+    if np.ndim(cap) != 0:
+        raise ValueError(
+            f"{_NAME}: logit_soft_cap must be a scalar; got shape {np.shape(cap)}"
+        )
+    if is_traced(cap) or isinstance(cap, jax.Array):
+        return cap
+    c = float(cap) if isinstance(cap, (int, float)) else float(np.asarray(cap))
+    if not c >= 0:
+        raise ValueError(
+            f"{_NAME}: logit_soft_cap must be > 0 (Gemma 2 uses 30.0), or None or 0 for no "
+            f"capping; got {c!r}"
+        )
+    return None if c in (0.0, np.inf) else host_array(cap)
+
+
 def fused_linear_cross_entropy(
     hidden: ArrayLike,
     weight: ArrayLike,
@@ -434,18 +573,25 @@ def fused_linear_cross_entropy(
     label_smoothing: ArrayLike = 0.0,
     z_loss: ArrayLike = 0.0,
     axis_name: AxisName | None = None,
+    bias: ArrayLike | None = None,
+    logit_soft_cap: ArrayLike | None = None,
+    weights: ArrayLike | None = None,
+    reduction: str = "none",
 ) -> jax.Array:
     r"""Cross-entropy of ``hidden @ weight`` without materialising the logits.
 
     .. math::
         \ell_n = \mathrm{lse}(y_n) - \sum_j q_{nj} y_{nj} + \zeta\, \mathrm{lse}(y_n)^2,
-        \quad y_n = \frac{h_n W}{t},
+        \quad y_n = \frac{c \tanh((h_n W + b) / c)}{t},
         \quad q_n = (1 - \alpha)\, e_{\mathrm{label}_n} + \frac{\alpha}{V}
 
     Equal, in value and in gradients with respect to ``hidden``, ``weight``,
-    ``temperature``, ``label_smoothing`` and ``z_loss``, to the unfused
-    ``softmax_cross_entropy_with_integer_labels(hidden @ weight, labels,
-    temperature=..., label_smoothing=...)`` plus the z-loss, but the [N, V]
+    ``bias``, ``temperature``, ``label_smoothing``, ``z_loss``,
+    ``logit_soft_cap`` and ``weights``, to the unfused
+    ``softmax_cross_entropy_with_integer_labels(logits, labels,
+    temperature=..., label_smoothing=...)`` plus the z-loss on ``logits =
+    c * tanh((hidden @ weight + bias) / c)`` (or ``hidden @ weight + bias``
+    without a cap), times ``weights`` and reduced, but the [N, V]
     logits never exist: the vocabulary is processed ``chunk_size`` columns
     at a time with an online logsumexp, and the backward pass recomputes each
     chunk's logits. Temporary memory is O(N * chunk_size) instead of O(N * V);
@@ -478,15 +624,33 @@ def fused_linear_cross_entropy(
       label_smoothing: alpha in [0, 1].
       z_loss: coefficient >= 0 of the squared logsumexp.
       axis_name: name of a mesh axis (inside ``jax.shard_map``) over which
-        ``weight``'s vocabulary axis is sharded. ``hidden``, ``labels`` and
-        ``where`` are then the same on every shard of that axis, labels are
-        global class indices, and the result is the loss over the whole
-        vocabulary (Megatron-style vocab-parallel cross-entropy). The
-        gradient of ``weight`` stays sharded.
+        ``weight``'s vocabulary axis is sharded. ``hidden``, ``labels``,
+        ``where`` and ``weights`` are then the same on every shard of that
+        axis, labels are global class indices, and the result is the loss
+        over the whole vocabulary (Megatron-style vocab-parallel
+        cross-entropy). The gradients of ``weight`` and ``bias`` stay
+        sharded.
+      bias: optional [V] bias added to ``hidden @ weight``; with
+        ``axis_name``, each shard's slice of it (sharded like ``weight``'s
+        columns, e.g. ``in_specs=P("v")``).
+      logit_soft_cap: c > 0 caps the logits smoothly to (-c, c) as
+        ``c * tanh(logits / c)`` (Gemma 2's final-logit soft-capping, c =
+        30), before the temperature, the loss, the z-loss and the smoothing.
+        None or 0 (and inf, the identity's limit) switch it off. A negative
+        or NaN Python or NumPy value raises ValueError; one in a JAX array is
+        never read back and gives NaN.
+      weights: optional per-example weights, broadcastable to
+        ``labels.shape``, multiplying each example's loss (and so its
+        gradient). Masked examples contribute 0 whatever their weight.
+      reduction: "none" (the per-example losses), "sum" (of the weighted
+        losses) or "mean": that sum divided by the sum of the included
+        examples' weights (their count without ``weights``), and 0 with zero
+        gradients when nothing is included. With the batch sharded over
+        another mesh axis, "sum" and "mean" reduce this shard's examples.
 
     Returns:
-      The per-example loss, shape ``labels.shape``, in the dtype of
-      ``hidden @ weight``.
+      The per-example loss, shape ``labels.shape`` (a scalar for "sum" and
+      "mean"), in the dtype of ``hidden @ weight + bias``.
 
     Examples:
       >>> import jsoftmax
@@ -497,6 +661,10 @@ def fused_linear_cross_entropy(
       >>> jsoftmax.fused_linear_cross_entropy(
       ...     hidden, weight, jnp.array([0, 1]), where=jnp.array([True, False]))
       Array([0.5514447, 0.       ], dtype=float32)
+      >>> jsoftmax.fused_linear_cross_entropy(
+      ...     hidden, weight, jnp.array([0, 1]), bias=jnp.array([0.0, 0.5, 0.0]),
+      ...     logit_soft_cap=1.0, weights=jnp.array([1.0, 3.0]), reduction="mean")
+      Array(0.5096075, dtype=float32)
     """
     # Checks on static information only: the device work is one jitted call.
     h, w = host_array(hidden), host_array(weight)
@@ -537,9 +705,20 @@ def fused_linear_cross_entropy(
     _check_temperature(temperature)
     alpha = _check_option("label_smoothing", label_smoothing, 0.0, 1.0, "0 = no smoothing")
     zeta = _check_option("z_loss", z_loss, 0.0, np.inf, "0 = no z-loss; PaLM uses 1e-4")
-    dtype = jnp.dtype(jnp.result_type(h_dtype, w_dtype))
+    b, b_dtype = _check_bias(bias, w.shape)
+    cap = _check_soft_cap(logit_soft_cap)
+    weights = weights_spec(_NAME, weights, batch)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"{_NAME}: reduction must be one of {', '.join(map(repr, _REDUCTIONS))}; "
+            f"got {reduction!r}"
+        )
+    dtype = jnp.dtype(jnp.result_type(h_dtype, w_dtype, *([b_dtype] if b is not None else [])))
     v = w.shape[1]
     t, layout = temperature_spec(_NAME, temperature, (*batch, v), (len(batch),))
     n = int(np.prod(batch, dtype=np.int64))
     chunk = _default_chunk_size(n, v) if chunk_size is None else int(min(chunk_size, v))
-    return _fused_jit(chunk, axis_name, batch, dtype, layout, h, w, lab, mask, t, alpha, zeta)
+    return _fused_jit(
+        chunk, axis_name, batch, dtype, layout, reduction,
+        h, w, b, lab, mask, t, cap, alpha, zeta, weights,
+    )
