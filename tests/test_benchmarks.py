@@ -22,12 +22,14 @@ def quick(tmp_path_factory):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_jsoftmax_passes_every_edge(quick):
     failed = [(e["name"], e["call"], e["values"]["jsoftmax"]) for e in quick["edges"]
               if not e["ok"]["jsoftmax"]]
     assert not failed
 
 
+@pytest.mark.slow
 def test_edge_battery_can_fail(quick):
     # The checks bite: jax.nn returns NaN on +inf entries and on rows of -inf.
     by_call = {e["call"]: e for e in quick["edges"]}
@@ -36,6 +38,7 @@ def test_edge_battery_can_fail(quick):
     assert by_call["softmax([1, inf, 2, inf])"]["values"]["jax.nn"] == "[nan, nan, nan, nan]"
 
 
+@pytest.mark.slow
 def test_quick_run_covers_every_case(quick):
     names = {t["function"] for t in quick["timing"]}
     assert {"softmax", "log_softmax", "logsumexp"} <= names
@@ -49,6 +52,7 @@ def test_quick_run_covers_every_case(quick):
     assert quick["machine"]["jax"]
 
 
+@pytest.mark.slow
 def test_quick_accuracy_is_within_a_few_ulps(quick):
     # Against the independent float64 reference: logsumexp within a few ulps
     # everywhere. softmax's tiny entries inherit the rounding of x - max
@@ -96,6 +100,7 @@ def overhead_quick(tmp_path_factory):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_overhead_has_rows_for_every_function(overhead_quick):
     rows = overhead_quick["rows"]
     for name in overhead.FUNCTIONS:
@@ -113,6 +118,7 @@ def test_overhead_has_rows_for_every_function(overhead_quick):
     assert overhead_quick["machine"]["jax"]
 
 
+@pytest.mark.slow
 def test_overhead_table_has_a_line_per_variant(overhead_quick):
     rows = [overhead.Row(**r) for r in overhead_quick["rows"]]
     lines = overhead.table(rows).splitlines()

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_vocab_parallel_on_four_devices():
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
