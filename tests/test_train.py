@@ -187,6 +187,7 @@ def runs(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TINY))
 def test_end_to_end(runs, name):
     metrics, out, stdout, stderr = runs[name]
@@ -244,6 +245,7 @@ def test_missing_gpu_is_a_clear_error(capsys):
     assert err.count("\n") == 1 and "--platform gpu" in err and "--platform cpu" in err
 
 
+@pytest.mark.slow
 def test_four_devices_agree_with_one(runs, tmp_path):
     metrics, *_ = runs["digits"]
     proc = subprocess.run(
