@@ -1,7 +1,7 @@
-"""float64 NumPy and mpmath references for the tests of entropy, KL and the
-segment functions. Written from the definitions, sharing no code with the
-library: a slice is a 1-D float64 row, excluded entries are given by a
-boolean row (or -inf)."""
+"""float64 NumPy and mpmath references shared by the tests, written from the
+definitions and sharing no code with the library. Row functions take a 1-D
+slice, excluded entries given by a boolean row (or -inf); the others take
+arrays with an axis, as NumPy does."""
 
 from __future__ import annotations
 
@@ -12,27 +12,10 @@ INF = np.inf
 
 
 def probabilities(row, keep=None, t=1.0):
-    """softmax(row / t) over the kept, non -inf entries; all 0 if none.
-    t = 0 is uniform over the maxima and t = inf uniform over the kept."""
+    """exp of :func:`log_probabilities` (all 0 where nothing is kept)."""
     row = np.asarray(row, np.float64)
     keep = np.ones(row.shape, bool) if keep is None else np.asarray(keep, bool)
-    keep = keep & (row > -INF)
-    out = np.zeros(row.shape)
-    if not keep.any():
-        return out
-    if np.isnan(row[keep]).any() or np.isnan(t):
-        return np.full(row.shape, np.nan)
-    kept = row[keep]
-    m = kept.max()
-    if m == INF or t == 0:
-        top = kept == m
-        out[keep] = top / top.sum()
-    elif t == INF:
-        out[keep] = 1.0 / keep.sum()
-    else:
-        e = np.exp((kept - m) / t)
-        out[keep] = e / e.sum()
-    return out
+    return np.exp(log_probabilities(row, keep, t))
 
 
 def entropy(row, keep=None, t=1.0):
@@ -109,3 +92,144 @@ def segment_logsumexp(x, ids, num_segments, keep=None, t=None):
             else:
                 out[(g, *idx)] = m + tt * np.log(np.sum(np.exp((row - m) / tt)))
     return out
+
+
+# ------------------------------------------------- softmax, log_softmax, logsumexp
+
+
+def log_softmax(x, axis=-1, where=None, t=1.0):
+    """float64 NumPy log_softmax for t > 0 and finite, non-empty included sets."""
+    x = np.asarray(x, np.float64)
+    if where is not None:
+        x = np.where(where, x, -INF)
+    z = x / np.asarray(t, np.float64)
+    m = np.max(z, axis=axis, keepdims=True)
+    with np.errstate(divide="ignore"):
+        return z - m - np.log(np.sum(np.exp(z - m), axis=axis, keepdims=True))
+
+
+def softmax(x, axis=-1, where=None, t=1.0):
+    return np.exp(log_softmax(x, axis, where, t))
+
+
+def logsumexp(x, axis=None, t=1.0):
+    x = np.asarray(x, np.float64)
+    t = np.asarray(t, np.float64)
+    m = np.max(x, axis=axis, keepdims=True)
+    out = m + t * np.log(np.sum(np.exp((x - m) / t), axis=axis, keepdims=True))
+    return np.squeeze(out, axis=axis)
+
+
+def mp_row(row):
+    """mpmath (50 digits) softmax, log_softmax and logsumexp of one row."""
+    with mpmath.workdps(50):
+        xs = [mpmath.mpf(float(v)) for v in row]
+        m = max(xs)
+        lse = m + mpmath.log(mpmath.fsum(mpmath.exp(v - m) for v in xs))
+        return (
+            np.array([float(mpmath.exp(v - lse)) for v in xs]),
+            np.array([float(v - lse) for v in xs]),
+            float(lse),
+        )
+
+
+def log_probabilities(x, mask, t):
+    """log_softmax(x / t) of one 1-D slice, excluded classes -inf."""
+    x = np.asarray(x, np.float64)
+    kept = mask & (x != -INF)
+    out = np.full(x.shape, -INF)
+    if not kept.any():
+        return out
+    if np.isnan(x[kept]).any():
+        return np.full(x.shape, np.nan)
+    m = x[kept].max()
+    if m == INF or t == 0:
+        top = kept & (x == m)
+        out[top] = -np.log(top.sum())
+    elif t == INF:
+        out[kept] = -np.log(kept.sum())
+    else:
+        z = (x[kept] - m) / t
+        out[kept] = z - np.log(np.exp(z).sum())
+    return out
+
+
+def _times(a, b):
+    """a * b with 0 * inf = 0 (a term of weight 0 is absent)."""
+    return 0.0 if a == 0 else a * b
+
+
+def integer_cross_entropy(x, labels, mask, t, alpha):
+    x = np.asarray(x, np.float64)
+    n, v = x.shape
+    out = np.empty(n)
+    for i in range(n):
+        kept = mask[i] & (x[i] != -INF)
+        if not kept.any():
+            out[i] = 0.0
+            continue
+        if not 0 <= labels[i] < v:
+            out[i] = np.nan
+            continue
+        lp = log_probabilities(x[i], mask[i], t[i])
+        ce = -lp[labels[i]]
+        smooth = np.mean(-lp[mask[i]])
+        out[i] = _times(1 - alpha, ce) + _times(alpha, smooth)
+    return out
+
+
+def dense_cross_entropy(x, labels, mask, t, alpha):
+    x = np.asarray(x, np.float64)
+    n, v = x.shape
+    out = np.empty(n)
+    for i in range(n):
+        lp = log_probabilities(x[i], mask[i], t[i])
+        if (lp == -INF).all():
+            out[i] = 0.0
+            continue
+        y = (1 - alpha) * labels[i] + alpha / max(mask[i].sum(), 1)
+        out[i] = -sum(_times(y[j], lp[j]) for j in range(v) if mask[i, j])
+    return out
+
+
+def integer_cross_entropy_gradient(x, labels):
+    """d loss / d x per row in float64, by hand: softmax - onehot where the
+    loss moves with x (a valid label on a finite logit, in a row without
+    +inf), 0 where it is a constant limit (+inf included), NaN for a row
+    with a NaN."""
+    x = np.asarray(x, np.float64)
+    out = np.zeros_like(x)
+    for i, (row, label) in enumerate(zip(x, labels, strict=True)):
+        if np.isnan(row).any():
+            out[i] = np.nan
+            continue
+        if not 0 <= label < row.size or not np.isfinite(row[label]):
+            continue
+        if np.isposinf(row).any():  # the label has probability 0: loss +inf
+            continue
+        else:
+            e = np.exp(row - row.max())
+            p = e / e.sum()
+        out[i] = p - np.eye(row.size)[label]
+    return out
+
+
+def softmax_and_max(x):
+    x = np.asarray(x, np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    return e / e.sum(axis=-1, keepdims=True), m
+
+
+def split_at_max(name, x):
+    x = np.asarray(x, np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    # Split at the max so that log(1 + tiny) keeps its digits in float64 too.
+    top = np.sum(x == m, -1, keepdims=True)
+    below = np.sum(np.where(x == m, 0.0, np.exp(x - m)), -1, keepdims=True)
+    log_total = np.log(top) + np.log1p(below / top)
+    if name == "softmax":
+        return np.exp(x - m - log_total)
+    if name == "log_softmax":
+        return x - m - log_total
+    return (m + log_total)[:, 0]

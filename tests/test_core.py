@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import mpmath
 import numpy as np
 import pytest
+import reference as ref
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -22,45 +23,6 @@ import jsoftmax
 INF = np.inf
 FUNCS = [jsoftmax.softmax, jsoftmax.log_softmax]
 EPS32 = float(np.finfo(np.float32).eps)
-
-
-# ---------------------------------------------------------------- references
-
-
-def ref_log_softmax(x, axis=-1, where=None, t=1.0):
-    """float64 NumPy log_softmax for t > 0 and finite, non-empty included sets."""
-    x = np.asarray(x, np.float64)
-    if where is not None:
-        x = np.where(where, x, -INF)
-    z = x / np.asarray(t, np.float64)
-    m = np.max(z, axis=axis, keepdims=True)
-    with np.errstate(divide="ignore"):
-        return z - m - np.log(np.sum(np.exp(z - m), axis=axis, keepdims=True))
-
-
-def ref_softmax(x, axis=-1, where=None, t=1.0):
-    return np.exp(ref_log_softmax(x, axis, where, t))
-
-
-def ref_logsumexp(x, axis=None, t=1.0):
-    x = np.asarray(x, np.float64)
-    t = np.asarray(t, np.float64)
-    m = np.max(x, axis=axis, keepdims=True)
-    out = m + t * np.log(np.sum(np.exp((x - m) / t), axis=axis, keepdims=True))
-    return np.squeeze(out, axis=axis)
-
-
-def mp_row(row):
-    """mpmath (50 digits) softmax, log_softmax and logsumexp of one row."""
-    with mpmath.workdps(50):
-        xs = [mpmath.mpf(float(v)) for v in row]
-        m = max(xs)
-        lse = m + mpmath.log(mpmath.fsum(mpmath.exp(v - m) for v in xs))
-        return (
-            np.array([float(mpmath.exp(v - lse)) for v in xs]),
-            np.array([float(v - lse) for v in xs]),
-            float(lse),
-        )
 
 
 def maybe_jit(fn, use_jit, **static):
@@ -87,7 +49,7 @@ def accuracy_batches():
     out = {}
     for scale in [1.0, 30.0, 1e4, 1e30]:
         x = (rng.standard_normal((6, 48)) * scale).astype(np.float32)
-        refs = [mp_row(row) for row in x]
+        refs = [ref.mp_row(row) for row in x]
         out[scale] = (x, refs)
     return out
 
@@ -115,7 +77,7 @@ def test_top_entry_of_log_softmax_keeps_tiny_values_in_float64():
     # log(1 + rest) would round to 0. float64 splits the normaliser at the max.
     with jax.enable_x64(True):
         x = np.array([40.0, 0.0, 1.0], np.float64)
-        _, rl, _ = mp_row(x)
+        _, rl, _ = ref.mp_row(x)
         got = float(jsoftmax.log_softmax(x)[0])
     assert got != 0.0
     assert abs(got - rl[0]) <= 2 * np.finfo(np.float64).eps * abs(rl[0])
@@ -131,9 +93,9 @@ def test_low_precision_is_float32_rounded(dtype, fn):
     x = jnp.asarray(rng.standard_normal((4, 33)) * 4, dtype)
     got = fn(x)
     assert got.dtype == dtype
-    ref_fn = ref_softmax if fn is jsoftmax.softmax else ref_log_softmax
-    ref = ref_fn(np.asarray(x.astype(jnp.float32)))
-    ref_rounded = np.asarray(jnp.asarray(ref, jnp.float32).astype(dtype), np.float64)
+    ref_fn = ref.softmax if fn is jsoftmax.softmax else ref.log_softmax
+    want = ref_fn(np.asarray(x.astype(jnp.float32)))
+    ref_rounded = np.asarray(jnp.asarray(want, jnp.float32).astype(dtype), np.float64)
     got = np.asarray(got.astype(jnp.float32), np.float64)
     # Within one ulp of the float64 reference rounded to the dtype.
     ulp = np.spacing(np.abs(ref_rounded).astype(np.float32)) * 2.0 ** (23 - jnp.finfo(dtype).nmant)
@@ -156,13 +118,13 @@ def test_low_precision_logsumexp_and_gradients(dtype, general):
     t = 0.5 if general else 1.0
     got = jsoftmax.logsumexp(x, axis=-1, **kw)
     assert got.dtype == dtype
-    want = t * ref_logsumexp(z, axis=-1)
+    want = t * ref.logsumexp(z, axis=-1)
     ulp = np.spacing(np.abs(want).astype(np.float32)) * 2.0 ** (23 - jnp.finfo(dtype).nmant)
     assert np.all(np.abs(np.asarray(got, np.float64) - want) <= ulp)
     w = rng.standard_normal(4)
     g = jax.grad(lambda x: jnp.sum(jsoftmax.logsumexp(x, axis=-1, **kw) * w))(x)
     assert g.dtype == dtype
-    p = ref_softmax(z)
+    p = ref.softmax(z)
     np.testing.assert_allclose(np.asarray(g, np.float64), p * w[:, None], rtol=2e-2, atol=1e-3)
     for fn in FUNCS:
         gs = jax.grad(lambda x: jnp.sum(fn(x, **kw).astype(jnp.float32)[:, 0]))(x)  # noqa: B023
@@ -201,7 +163,7 @@ def test_low_precision_gradients_are_rounded_once(dtype, general, name):
             return jnp.sum(jnp.where(jnp.asarray(where), out, 0.0) * w)
 
     got = np.asarray(jax.grad(loss)(x).astype(jnp.float32), np.float64)
-    p = ref_softmax(np.asarray(x.astype(jnp.float32)), where=where, t=t)
+    p = ref.softmax(np.asarray(x.astype(jnp.float32)), where=where, t=t)
     if name == "softmax":
         want = p * (w - np.sum(p * w, -1, keepdims=True)) / t
     elif name == "log_softmax":
@@ -268,12 +230,12 @@ def test_low_precision_gradients_finite_at_large_inputs(dtype, big, fn):
 def test_integer_inputs_promote_to_default_float(fn):
     got = fn(jnp.array([1, 2, 3]))
     assert got.dtype == jnp.result_type(float)
-    ref = {
-        jsoftmax.softmax: ref_softmax,
-        jsoftmax.log_softmax: ref_log_softmax,
-        jsoftmax.logsumexp: ref_logsumexp,
+    want = {
+        jsoftmax.softmax: ref.softmax,
+        jsoftmax.log_softmax: ref.log_softmax,
+        jsoftmax.logsumexp: ref.logsumexp,
     }[fn](np.array([1.0, 2.0, 3.0]))
-    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- 4. exclusion
@@ -298,8 +260,8 @@ def test_excluded_entries_values_and_zero_derivatives(use_jit):
     lsm = maybe_jit(jsoftmax.log_softmax, use_jit, where=mask)
     np.testing.assert_array_equal(np.asarray(sm(x))[excluded], 0.0)
     np.testing.assert_array_equal(np.asarray(lsm(x))[excluded], -INF)
-    ref = ref_softmax(np.asarray(x), where=~excluded)
-    np.testing.assert_allclose(sm(x), ref, rtol=1e-6, atol=1e-7)
+    want = ref.softmax(np.asarray(x), where=~excluded)
+    np.testing.assert_allclose(sm(x), want, rtol=1e-6, atol=1e-7)
     for fn in (jsoftmax.softmax, jsoftmax.log_softmax):
         g, jac = _grad_of_weighted_sum(fn, x, where=mask)
         np.testing.assert_array_equal(np.asarray(g)[excluded], 0.0)
@@ -323,7 +285,7 @@ def test_fully_excluded_slice(use_where, use_jit):
     np.testing.assert_array_equal(s[1], 0.0)
     np.testing.assert_array_equal(ls[1], -INF)
     assert float(lse[1]) == -INF
-    np.testing.assert_allclose(s[0], ref_softmax(np.array([1.0, 2.0, 3.0])), rtol=1e-6)
+    np.testing.assert_allclose(s[0], ref.softmax(np.array([1.0, 2.0, 3.0])), rtol=1e-6)
     for fn in (jsoftmax.softmax, jsoftmax.log_softmax):
         g, jac = _grad_of_weighted_sum(fn, x, **kwargs)
         np.testing.assert_array_equal(g[1], 0.0)
@@ -371,7 +333,7 @@ def test_nan_poisons_only_its_slice():
             assert np.all(np.isnan(out[0])) and not np.any(np.isnan(out[1])), (fn, t)
     # A NaN that is masked out is excluded like any other entry.
     s = jsoftmax.softmax(x, where=~jnp.isnan(x))
-    np.testing.assert_allclose(s[0], [ref_softmax(np.array([1.0, 3.0]))[0], 0, 0.8807971], 1e-6)
+    np.testing.assert_allclose(s[0], [ref.softmax(np.array([1.0, 3.0]))[0], 0, 0.8807971], 1e-6)
 
 
 # ---------------------------------------------------------------- 6. temperature
@@ -393,11 +355,11 @@ def test_traced_temperature_one_is_exactly_the_plain_function():
 def test_temperature_values_against_float64():
     x = np.array([38.0, 20.0, 40.0, 39.0], np.float32)
     got = jsoftmax.softmax(x, temperature=100.0)
-    np.testing.assert_allclose(got, ref_softmax(x, t=100.0), rtol=1e-6)
+    np.testing.assert_allclose(got, ref.softmax(x, t=100.0), rtol=1e-6)
     np.testing.assert_allclose(got, [0.2587, 0.2161, 0.2639, 0.2613], atol=1e-4)
     np.testing.assert_array_equal(jsoftmax.softmax(x, temperature=0.001), [0, 0, 1, 0])
     lse = jsoftmax.logsumexp(x, temperature=3.0)
-    np.testing.assert_allclose(lse, ref_logsumexp(x, t=3.0), rtol=1e-6)
+    np.testing.assert_allclose(lse, ref.logsumexp(x, t=3.0), rtol=1e-6)
 
 
 def test_per_example_temperature():
@@ -405,13 +367,13 @@ def test_per_example_temperature():
     x = rng.standard_normal((4, 2, 6)).astype(np.float32)
     t = np.array([[0.5, 1.0], [2.0, 3.0], [0.1, 7.0], [1.5, 0.9]], np.float32)
     got = jsoftmax.log_softmax(x, temperature=t)
-    np.testing.assert_allclose(got, ref_log_softmax(x, t=t[..., None]), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(got, ref.log_softmax(x, t=t[..., None]), rtol=2e-6, atol=1e-6)
     # Reducing over axis 1: the batch shape is (4, 6).
     t1 = rng.uniform(0.5, 2.0, (4, 6)).astype(np.float32)
     got = jsoftmax.softmax(x, axis=1, temperature=t1)
-    np.testing.assert_allclose(got, ref_softmax(x, axis=1, t=t1[:, None, :]), rtol=2e-6)
+    np.testing.assert_allclose(got, ref.softmax(x, axis=1, t=t1[:, None, :]), rtol=2e-6)
     lse = jsoftmax.logsumexp(x, axis=-1, temperature=t)
-    np.testing.assert_allclose(lse, ref_logsumexp(x, axis=-1, t=t[..., None]), rtol=2e-6)
+    np.testing.assert_allclose(lse, ref.logsumexp(x, axis=-1, t=t[..., None]), rtol=2e-6)
 
 
 def test_zero_temperature_is_the_hard_max():
@@ -486,7 +448,7 @@ def test_temperature_gradient_against_float64_derivative(x64):
     # d/dt softmax(x / t) = -s * (z - sum(s z)) / t with z = x / t.
     x = np.array([0.3, -1.2, 2.0, 0.7])
     t = 0.8
-    s = ref_softmax(x, t=t)
+    s = ref.softmax(x, t=t)
     z = x / t
     expected = -s * (z - np.sum(s * z)) / t
     got = jax.jacfwd(lambda t: jsoftmax.softmax(jnp.asarray(x), temperature=t))(t)
@@ -646,10 +608,10 @@ def test_axes_against_float64_reference():
     for axis in [0, (0, 2), None, ()]:
         ax = tuple(range(3)) if axis is None else axis
         np.testing.assert_allclose(
-            jsoftmax.softmax(x, axis), ref_softmax(x, axis=ax), rtol=2e-6, atol=1e-7
+            jsoftmax.softmax(x, axis), ref.softmax(x, axis=ax), rtol=2e-6, atol=1e-7
         )
         np.testing.assert_allclose(
-            jsoftmax.logsumexp(x, axis), ref_logsumexp(x, axis=ax), rtol=2e-6
+            jsoftmax.logsumexp(x, axis), ref.logsumexp(x, axis=ax), rtol=2e-6
         )
 
 
@@ -659,12 +621,12 @@ def test_vmap_any_in_axes_and_higher_derivatives():
     for in_axes in (0, 1):
         got = jax.vmap(jsoftmax.softmax, in_axes=in_axes, out_axes=in_axes)(x)
         axis = -1 if in_axes == 0 else 0
-        np.testing.assert_allclose(got, ref_softmax(np.asarray(x), axis=axis), rtol=2e-6)
+        np.testing.assert_allclose(got, ref.softmax(np.asarray(x), axis=axis), rtol=2e-6)
     ts = jnp.array([0.5, 1.0, 2.0])
     got = jax.vmap(lambda row, t: jsoftmax.log_softmax(row, temperature=t))(x, ts)
-    np.testing.assert_allclose(got, ref_log_softmax(np.asarray(x), t=ts[:, None]), rtol=2e-6)
+    np.testing.assert_allclose(got, ref.log_softmax(np.asarray(x), t=ts[:, None]), rtol=2e-6)
     row = x[0]
-    s = ref_softmax(np.asarray(row))
+    s = ref.softmax(np.asarray(row))
     jac_expected = np.diag(s) - np.outer(s, s)
     np.testing.assert_allclose(jax.jacfwd(jsoftmax.softmax)(row), jac_expected, atol=1e-6)
     np.testing.assert_allclose(jax.jacrev(jsoftmax.softmax)(row), jac_expected, atol=1e-6)
@@ -721,7 +683,7 @@ def test_float64_numpy_input_without_x64_is_quiet():
         out = jsoftmax.softmax(np.array([1.0, 2.0]))
         lse = jsoftmax.logsumexp(np.array([1.0, 2.0]), b=np.array([1.0, 1.0]))
     assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
-    np.testing.assert_allclose(out, ref_softmax(np.array([1.0, 2.0])), rtol=1e-6)
+    np.testing.assert_allclose(out, ref.softmax(np.array([1.0, 2.0])), rtol=1e-6)
 
 
 @pytest.mark.parametrize("t", [1.0, 0.5, 3.0])
@@ -737,9 +699,9 @@ def test_weighted_logsumexp_hessian_at_ties(x64, t):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
     # And a tie between two of three entries, against jax.nn on x / t.
     x = np.array([1.0, 1.0, -0.5])
-    ref = jax.hessian(lambda x: t * jax.nn.logsumexp(x / t, b=b))(x)
+    want = jax.hessian(lambda x: t * jax.nn.logsumexp(x / t, b=b))(x)
     np.testing.assert_allclose(jax.hessian(lambda x: jsoftmax.logsumexp(x, b=b, temperature=t))(x),
-                               ref, rtol=1e-10, atol=1e-14)
+                               want, rtol=1e-10, atol=1e-14)
 
 
 # ---------------------------------------------------------------- constants under jit
@@ -787,7 +749,7 @@ def test_constants_under_jit_give_the_same_result(name, kwargs):
 def test_constant_logits_match_mpmath():
     c = np.array([[1, 2, 3], [0.5, -1, 4]], np.float32)
     for i, row in enumerate(c):
-        rs, rl, rlse = mp_row(row)
+        rs, rl, rlse = ref.mp_row(row)
         np.testing.assert_allclose(jax.jit(lambda: jsoftmax.log_softmax(c))()[i], rl, rtol=1e-6)
         np.testing.assert_allclose(jax.jit(lambda: jsoftmax.softmax(c))()[i], rs, atol=1e-7)
         np.testing.assert_allclose(

@@ -1,7 +1,7 @@
 """Tests for jsoftmax.losses: optax compatibility, edges, gradients, memory.
 
 References are a float64 NumPy implementation of the rules written out by
-hand below (``_reference_log_softmax``), optax itself on ordinary inputs,
+hand below (``ref.log_probabilities``), optax itself on ordinary inputs,
 and optax's own test cases run against our functions.
 """
 
@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import reference as ref
 from jax.test_util import check_grads
 
 import jsoftmax
@@ -23,70 +24,6 @@ INF = np.inf
 EPS32 = float(np.finfo(np.float32).eps)
 integer_ce = softmax_cross_entropy_with_integer_labels
 dense_ce = softmax_cross_entropy
-
-
-# --------------------------------------------------------------------------
-# A float64 reference, written from the definitions.
-# --------------------------------------------------------------------------
-
-
-def _reference_log_softmax(x, mask, t):
-    """log_softmax(x / t) of one 1-D slice, excluded classes -inf."""
-    x = np.asarray(x, np.float64)
-    kept = mask & (x != -INF)
-    out = np.full(x.shape, -INF)
-    if not kept.any():
-        return out
-    if np.isnan(x[kept]).any():
-        return np.full(x.shape, np.nan)
-    m = x[kept].max()
-    if m == INF or t == 0:
-        top = kept & (x == m)
-        out[top] = -np.log(top.sum())
-    elif t == INF:
-        out[kept] = -np.log(kept.sum())
-    else:
-        z = (x[kept] - m) / t
-        out[kept] = z - np.log(np.exp(z).sum())
-    return out
-
-
-def _times(a, b):
-    """a * b with 0 * inf = 0 (a term of weight 0 is absent)."""
-    return 0.0 if a == 0 else a * b
-
-
-def _reference_integer(x, labels, mask, t, alpha):
-    x = np.asarray(x, np.float64)
-    n, v = x.shape
-    out = np.empty(n)
-    for i in range(n):
-        kept = mask[i] & (x[i] != -INF)
-        if not kept.any():
-            out[i] = 0.0
-            continue
-        if not 0 <= labels[i] < v:
-            out[i] = np.nan
-            continue
-        lp = _reference_log_softmax(x[i], mask[i], t[i])
-        ce = -lp[labels[i]]
-        smooth = np.mean(-lp[mask[i]])
-        out[i] = _times(1 - alpha, ce) + _times(alpha, smooth)
-    return out
-
-
-def _reference_dense(x, labels, mask, t, alpha):
-    x = np.asarray(x, np.float64)
-    n, v = x.shape
-    out = np.empty(n)
-    for i in range(n):
-        lp = _reference_log_softmax(x[i], mask[i], t[i])
-        if (lp == -INF).all():
-            out[i] = 0.0
-            continue
-        y = (1 - alpha) * labels[i] + alpha / max(mask[i].sum(), 1)
-        out[i] = -sum(_times(y[j], lp[j]) for j in range(v) if mask[i, j])
-    return out
 
 
 def _edge_batch():
@@ -128,7 +65,7 @@ def test_integer_labels_match_reference_at_every_edge(t, alpha):
     x, labels, mask = _edge_batch()
     temp = _temperature(t, len(x))
     got = integer_ce(x, labels, where=mask, temperature=temp, label_smoothing=alpha)
-    want = _reference_integer(x, labels, mask, np.broadcast_to(temp, len(x)), alpha)
+    want = ref.integer_cross_entropy(x, labels, mask, np.broadcast_to(temp, len(x)), alpha)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-6)
 
 
@@ -141,7 +78,7 @@ def test_dense_labels_match_reference_at_every_edge(t, alpha):
     onehot[3] = [0.5, 0.0, 0.25, 0.25, 0.0]  # a soft label
     temp = _temperature(t, len(x))
     got = dense_ce(x, onehot, where=mask, temperature=temp, label_smoothing=alpha)
-    want = _reference_dense(x, onehot, mask, np.broadcast_to(temp, len(x)), alpha)
+    want = ref.dense_cross_entropy(x, onehot, mask, np.broadcast_to(temp, len(x)), alpha)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-6)
 
 
@@ -259,7 +196,7 @@ def test_dense_fast_path_matches_reference_at_every_edge(jit):
     f = jax.jit(dense_ce) if jit else dense_ce
     got = np.asarray(f(x, onehot))
     n = len(x)
-    want = _reference_dense(x, onehot, np.ones(x.shape, bool), np.ones(n), 0.0)
+    want = ref.dense_cross_entropy(x, onehot, np.ones(x.shape, bool), np.ones(n), 0.0)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
     assert np.isposinf(got[5]) and np.isnan(got[12]) and got[6] == 0.0
 
@@ -273,31 +210,9 @@ def test_integer_fast_path_matches_reference_at_every_edge(jit):
     f = jax.jit(integer_ce) if jit else integer_ce
     got = np.asarray(f(x, labels))
     n = len(x)
-    want = _reference_integer(x, labels, np.ones(x.shape, bool), np.ones(n), 0.0)
+    want = ref.integer_cross_entropy(x, labels, np.ones(x.shape, bool), np.ones(n), 0.0)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
     assert np.isposinf(got[5]) and got[6] == 0.0 and np.isnan(got[[12, 13, 14]]).all()
-
-
-def _reference_integer_gradient(x, labels):
-    """d loss / d x per row in float64, by hand: softmax - onehot where the
-    loss moves with x (a valid label on a finite logit, in a row without
-    +inf), 0 where it is a constant limit (+inf included), NaN for a row
-    with a NaN."""
-    x = np.asarray(x, np.float64)
-    out = np.zeros_like(x)
-    for i, (row, label) in enumerate(zip(x, labels, strict=True)):
-        if np.isnan(row).any():
-            out[i] = np.nan
-            continue
-        if not 0 <= label < row.size or not np.isfinite(row[label]):
-            continue
-        if np.isposinf(row).any():  # the label has probability 0: loss +inf
-            continue
-        else:
-            e = np.exp(row - row.max())
-            p = e / e.sum()
-        out[i] = p - np.eye(row.size)[label]
-    return out
 
 
 def test_integer_fast_path_gradients_match_a_hand_reference():
@@ -306,7 +221,7 @@ def test_integer_fast_path_gradients_match_a_hand_reference():
     x, labels, _ = _edge_batch()
     weights = np.where(np.isin(np.arange(len(x)), [12, 13, 14]), 0.0, 1.0)
     got = np.asarray(jax.grad(lambda x: jnp.sum(weights * integer_ce(x, labels)))(x))
-    want = _reference_integer_gradient(x, labels) * weights[:, None]
+    want = ref.integer_cross_entropy_gradient(x, labels) * weights[:, None]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert (got[[5, 6, 10, 11, 13, 14]] == 0).all()
 
@@ -594,7 +509,7 @@ def test_dtypes_and_jit(dtype, jit):
     x = jnp.asarray(x32, dtype)
     f = jax.jit(integer_ce) if jit else integer_ce
     g = jax.jit(dense_ce) if jit else dense_ce
-    want = _reference_integer(np.asarray(x, np.float32), labels, np.ones((4, 9), bool),
+    want = ref.integer_cross_entropy(np.asarray(x, np.float32), labels, np.ones((4, 9), bool),
                               np.ones(4), 0.0)
     got = f(x, labels)
     assert got.dtype == dtype
