@@ -383,3 +383,299 @@ def test_fused_loss_on_constants_under_jit():
     np.testing.assert_allclose(want, ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(jax.jit(lambda: f(h, w))(), want, rtol=1e-6)
     np.testing.assert_allclose(jax.jit(f)(h, w), want, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# bias, logit_soft_cap, weights and reduction.
+# --------------------------------------------------------------------------
+
+MASK = np.array([True, True, False, True, True, True])
+
+
+def _reference_options(h, w, labels, *, bias=None, cap=None, t=1.0, alpha=0.0, z=0.0,
+                       mask=None, weights=None, reduction="none"):
+    """The loss with every option, in float64 NumPy on materialised logits."""
+    logits = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+    if bias is not None:
+        logits = logits + np.asarray(bias, np.float64)
+    if cap:
+        logits = cap * np.tanh(logits / cap)
+    # The capped logits through the plain reference (hidden = I, weight = logits).
+    n = logits.shape[0]
+    loss, _ = _reference(np.eye(n), logits, labels, np.ones(n), t=t, alpha=alpha, z=z, mask=mask)
+    if weights is not None:
+        loss = loss * np.broadcast_to(np.asarray(weights, np.float64), loss.shape)
+        if mask is not None:
+            loss = np.where(mask, loss, 0.0)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    count = np.ones(n) if weights is None else np.broadcast_to(weights, (n,)).astype(np.float64)
+    count = (count * (np.ones(n, bool) if mask is None else mask)).sum()
+    return 0.0 if count == 0 else loss.sum() / count
+
+
+def _unfused_options(labels, *, cap=None, alpha=0.0, z=0.0, mask=None, reduction="none"):
+    """The same composition in JAX from jsoftmax's unfused loss, as a
+    function of (hidden, weight, bias, weights, temperature)."""
+
+    def f(h, w, b, weights, t):
+        logits = h @ w + b
+        if cap:
+            logits = cap * jnp.tanh(logits / cap)
+        ce = jsoftmax.softmax_cross_entropy_with_integer_labels(
+            logits, labels, where=mask, temperature=t, label_smoothing=alpha
+        )
+        t_col = jnp.reshape(t, (-1, 1)) if jnp.ndim(t) else t
+        lse = jsoftmax.logsumexp(logits / t_col, axis=-1)
+        keep = np.ones(labels.shape, bool) if mask is None else mask
+        loss = weights * (ce + jnp.where(keep, z * lse**2, 0.0))
+        if reduction == "none":
+            return loss
+        if reduction == "sum":
+            return loss.sum()
+        return loss.sum() / jnp.sum(jnp.where(keep, jnp.broadcast_to(weights, loss.shape), 0.0))
+
+    return f
+
+
+def _fused_options(labels, *, chunk_size, cap=None, alpha=0.0, z=0.0, mask=None,
+                   reduction="none"):
+    def f(h, w, b, weights, t):
+        return fused_linear_cross_entropy(
+            h, w, labels, where=mask, chunk_size=chunk_size, temperature=t,
+            label_smoothing=alpha, z_loss=z, bias=b, logit_soft_cap=cap, weights=weights,
+            reduction=reduction,
+        )
+
+    return f
+
+
+@pytest.fixture(scope="module")
+def option_data(data):
+    h, w, labels, _ = data
+    rng = np.random.default_rng(7)
+    bias = rng.normal(size=V).astype(np.float32)
+    weights = rng.uniform(0.2, 2.0, size=N).astype(np.float32)
+    return h, w, labels, bias, weights
+
+
+OPTION_CASES = {
+    "bias": {},
+    "bias_smoothed": {"t": 0.7, "alpha": 0.2, "z": 0.01, "mask": MASK},
+    # A cap of 2.5 bites: the logits of h @ w + bias reach about 10.
+    "cap": {"cap": 2.5},
+    "cap_per_example_temperature": {"cap": 2.5, "t": np.linspace(0.5, 2.0, N)},
+    "everything": {"cap": 2.5, "t": 0.8, "alpha": 0.1, "z": 0.02, "mask": MASK},
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "chunk_size", "reduction"),
+    [(case, 4, "none") for case in sorted(OPTION_CASES)]
+    + [("everything", chunk, red) for chunk in (3, None) for red in ("sum", "mean")]
+    + [("bias", V, "mean")],
+)
+def test_options_match_the_unfused_composition(option_data, case, chunk_size, reduction):
+    h, w, labels, bias, weights = option_data
+    opts = dict(OPTION_CASES[case])
+    t = jnp.asarray(opts.pop("t", 1.0), jnp.float32)
+    args = (h, w, bias, weights, t)
+    fused = jax.jit(_fused_options(labels, chunk_size=chunk_size, reduction=reduction, **opts))
+    unfused = _unfused_options(labels, reduction=reduction, **opts)
+    got, vjp = jax.vjp(fused, *args)
+    want, vjp_ref = jax.vjp(unfused, *args)
+    ref = _reference_options(h, w, labels, bias=bias, weights=weights, reduction=reduction,
+                             t=np.asarray(t), **opts)
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
+    g = jnp.ones_like(got) if reduction != "none" else jnp.linspace(0.5, 1.5, N)
+    names = ("hidden", "weight", "bias", "weights", "temperature")
+    for name, actual, expected in zip(names, vjp(g), vjp_ref(g), strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=2e-4, atol=1e-5, err_msg=name)
+    if "mask" in opts:
+        assert not np.any(np.asarray(vjp(g)[0])[~MASK])
+
+
+def test_cap_limits_large_logits(option_data):
+    """Logits of about 1e4 are capped before the exponentials: the loss and
+    gradients are those of the unfused composition, where tanh saturates."""
+    h, w, labels, _, _ = option_data
+    w_big = w * 1e3
+    loss, (dh, dw) = jax.value_and_grad(
+        lambda h, w: fused_linear_cross_entropy(
+            h, w, labels, logit_soft_cap=30.0, chunk_size=4, reduction="sum"), (0, 1)
+    )(h, w_big)
+    ref = _reference_options(h, w_big, labels, cap=30.0, reduction="sum")
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    assert np.isfinite(dh).all() and np.isfinite(dw).all()
+    _, (dh_ref, dw_ref) = jax.value_and_grad(
+        lambda h, w: _unfused_options(labels, cap=30.0, reduction="sum")(
+            h, w, jnp.zeros(V), 1.0, 1.0), (0, 1)
+    )(h, w_big)
+    np.testing.assert_allclose(dh, dh_ref, rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(dw, dw_ref, rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("cap", [None, 0, 0.0, np.float32(0), np.inf])
+def test_cap_off(data, cap):
+    h, w, labels, _ = data
+    got = fused_linear_cross_entropy(h, w, labels, logit_soft_cap=cap, chunk_size=4)
+    np.testing.assert_allclose(got, fused_linear_cross_entropy(h, w, labels, chunk_size=4))
+
+
+def test_traced_cap(option_data):
+    """A cap in a JAX array is an operand: the same loss as a Python cap, its
+    own exact gradient, off at 0, and NaN when negative."""
+    h, w, labels, bias, _ = option_data
+    f = jax.jit(lambda c: fused_linear_cross_entropy(
+        h, w, labels, bias=bias, logit_soft_cap=c, chunk_size=4))
+    np.testing.assert_allclose(
+        f(2.5), fused_linear_cross_entropy(h, w, labels, bias=bias, logit_soft_cap=2.5),
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        f(0.0), fused_linear_cross_entropy(h, w, labels, bias=bias), rtol=1e-6
+    )
+    assert np.isnan(f(-1.0)).all()
+    d_cap = jax.grad(lambda c: f(c).sum())(2.5)
+
+    def unfused(c):
+        logits = c * jnp.tanh((h @ w + bias) / c)
+        return jsoftmax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
+
+    np.testing.assert_allclose(d_cap, jax.grad(unfused)(2.5), rtol=2e-4)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mean_of_nothing_is_zero(option_data, weighted):
+    h, w, labels, bias, weights = option_data
+    cases = [np.zeros(N, bool)]
+    if weighted:
+        cases.append(MASK)  # included examples, all of weight 0 below
+    for mask in cases:
+        wts = np.where(MASK, 0.0, weights).astype(np.float32) if weighted else None
+
+        def f(h, w, b, mask=mask, wts=wts):
+            return fused_linear_cross_entropy(
+                h, w, labels, bias=b, where=mask, weights=wts, reduction="mean",
+                logit_soft_cap=2.5, z_loss=0.1, chunk_size=4,
+            )
+
+        loss, grads = jax.value_and_grad(f, (0, 1, 2))(h, w, bias)
+        assert loss == 0
+        for grad in grads:
+            assert np.all(np.asarray(grad) == 0)
+
+
+def test_weights_broadcast_and_batch_axes(option_data):
+    h, w, labels, bias, weights = option_data
+    got = fused_linear_cross_entropy(
+        h.reshape(2, 3, D), w, labels.reshape(2, 3), bias=bias,
+        weights=weights[:3], chunk_size=4,
+    )
+    expected = _reference_options(h, w, labels, bias=bias, weights=np.tile(weights[:3], 2))
+    assert got.shape == (2, 3)
+    np.testing.assert_allclose(got.reshape(N), expected, rtol=2e-5, atol=1e-5)
+    scalar = fused_linear_cross_entropy(h, w, labels, weights=2.0, reduction="sum")
+    np.testing.assert_allclose(scalar, 2 * _reference_options(h, w, labels).sum(), rtol=2e-5)
+
+
+def test_options_under_vmap(option_data):
+    """vmap over a stack of two problems equals the calls one by one."""
+    h, w, labels, bias, weights = option_data
+    hs = np.stack([h, -0.5 * h])
+    ws = np.stack([weights, weights[::-1]])
+    masks = np.stack([MASK, np.ones(N, bool)])
+
+    def one(h, b, wt, m):
+        return fused_linear_cross_entropy(
+            h, w, labels, bias=b, where=m, weights=wt, logit_soft_cap=2.5, z_loss=0.01,
+            label_smoothing=0.1, reduction="mean", chunk_size=3,
+        )
+
+    batched = jax.jit(jax.vmap(jax.value_and_grad(one, (0, 1, 2)), in_axes=(0, None, 0, 0)))
+    loss, grads = batched(hs, bias, ws, masks)
+    for i in range(2):
+        ref = _reference_options(hs[i], w, labels, bias=bias, cap=2.5, z=0.01, alpha=0.1,
+                                 mask=masks[i], weights=ws[i], reduction="mean")
+        np.testing.assert_allclose(loss[i], ref, rtol=2e-5, atol=1e-6)
+        want = jax.grad(_unfused_options(labels, cap=2.5, alpha=0.1, z=0.01, mask=masks[i],
+                                         reduction="mean"), (0, 2, 3))(
+            hs[i], w, bias, ws[i], 1.0)
+        for actual, expected in zip(grads, want, strict=True):
+            np.testing.assert_allclose(actual[i], expected, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("reduction", "capped"), [("none", False), ("mean", True)])
+def test_check_grads_options_float64(x64, reduction, capped):
+    rng = np.random.default_rng(3)
+    h = rng.normal(size=(4, 3))
+    w = 2 * rng.normal(size=(3, 7))
+    labels = np.array([0, 6, 3, 2], np.int32)
+    mask = np.array([True, True, False, True])
+
+    def f(h, w, b, wts, cap, t, alpha, z):
+        loss = fused_linear_cross_entropy(
+            h, w, labels, where=mask, chunk_size=3, temperature=t, label_smoothing=alpha,
+            z_loss=z, bias=b, logit_soft_cap=cap if capped else None, weights=wts,
+            reduction=reduction,
+        )
+        return jnp.sum(loss * jnp.array([1.0, 0.5, 2.0, -1.0])[: loss.size])
+
+    args = (h, w, rng.normal(size=7), rng.uniform(0.5, 2, 4), 1.5, 0.8, 0.1, 0.05)
+    check_grads(f, args, order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"bias": np.zeros(V + 1)}, ValueError, "one bias per vocabulary column"),
+        ({"bias": np.zeros((1, V))}, ValueError, "one bias per vocabulary column"),
+        ({"bias": np.zeros(V, np.complex64)}, TypeError, "real number"),
+        ({"logit_soft_cap": -1.0}, ValueError, "logit_soft_cap must be > 0"),
+        ({"logit_soft_cap": np.nan}, ValueError, "None or 0 for no capping"),
+        ({"logit_soft_cap": np.array(-30.0)}, ValueError, "Gemma 2 uses 30"),
+        ({"logit_soft_cap": np.ones(2)}, ValueError, "scalar"),
+        ({"weights": np.ones(N + 1)}, ValueError, "one weight per example"),
+        ({"weights": np.ones(N, np.complex64)}, TypeError, "real number"),
+        ({"reduction": "avg"}, ValueError, "'none', 'sum', 'mean'"),
+        ({"reduction": None}, ValueError, "reduction must be one of"),
+    ],
+)
+def test_option_errors(data, kwargs, error, match):
+    h, w, labels, _ = data
+    with pytest.raises(error, match=match):
+        fused_linear_cross_entropy(h, w, labels, **kwargs)
+
+
+def test_options_keep_the_memory_fraction():
+    """bias, cap, weights and mean still never build [N, V]: the step's
+    temporaries stay those of the plain fused loss, a fraction of unfused."""
+    n, d, v = 1024, 64, 8192
+    h = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+    b = jax.ShapeDtypeStruct((v,), jnp.float32)
+    wts = jax.ShapeDtypeStruct((n,), jnp.float32)
+    labels = jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    def temp_bytes(loss_fn):
+        step = jax.jit(jax.value_and_grad(loss_fn, (0, 1, 2, 3)))
+        return step.lower(h, w, b, wts, labels).compile().memory_analysis().temp_size_in_bytes
+
+    plain = temp_bytes(lambda h, w, b, wt, y: fused_linear_cross_entropy(
+        h, w, y, chunk_size=256).mean() + 0 * (b.sum() + wt.sum()))
+    fused = temp_bytes(lambda h, w, b, wt, y: fused_linear_cross_entropy(
+        h, w, y, chunk_size=256, bias=b, logit_soft_cap=30.0, weights=wt, reduction="mean"))
+
+    def unfused(h, w, b, wt, y):
+        logits = 30.0 * jnp.tanh((h @ w + b) / 30.0)
+        ce = jsoftmax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(wt * ce) / jnp.sum(wt)
+
+    reference = temp_bytes(unfused)
+    assert reference >= n * v * 4
+    assert fused * 8 <= reference, (fused, reference)
+    # The options add per-example and per-chunk temporaries only.
+    assert fused <= plain + 4 * n * 256 * 4 + 2 * v * 4, (fused, plain)
