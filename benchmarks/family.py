@@ -90,21 +90,10 @@ def segment_case(shape, num_segments, ordered, mode, *, seconds, min_reps, max_r
     args = {"ours": (x, ids), "ref": (x, ids), "floor": (x,)}
     times, reps, calls = run.time_interleaved(
         compiled, args, seconds=seconds, min_reps=min_reps, max_reps=max_reps, rng=rng)
-    ratios = times["ours"] / times["ref"]
-    return run.Timing(
-        function=f"segment_softmax ({'sorted' if ordered else 'unsorted'} ids, "
-                 f"{num_segments} segments)",
-        reference="jraph formulation", mode=mode, dtype="float32", shape=tuple(shape),
-        ours_ms=float(np.median(times["ours"]) * 1e3),
-        ref_ms=float(np.median(times["ref"]) * 1e3),
-        floor_ms=float(np.median(times["floor"]) * 1e3),
-        ratio=float(np.median(ratios)),
-        ratio_q25=float(np.percentile(ratios, 25)),
-        ratio_q75=float(np.percentile(ratios, 75)),
-        reps=reps, calls_per_rep=calls,
-        ours_temp_bytes=run.temp_bytes(compiled["ours"]),
-        ref_temp_bytes=run.temp_bytes(compiled["ref"]),
-    )
+    name = f"segment_softmax ({'sorted' if ordered else 'unsorted'} ids, {num_segments} segments)"
+    temp = {k: run.temp_bytes(compiled[k]) for k in ("ours", "ref")}
+    return run.summarise(name, "jraph formulation", mode, "float32", shape, times, reps, calls,
+                         temp)
 
 
 def main(argv=None) -> list[run.Timing]:

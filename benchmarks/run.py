@@ -222,10 +222,16 @@ def bench_case(pair: Pair, shape, dtype, mode, *, seconds, min_reps, max_reps, r
     times, reps, calls = time_interleaved(
         compiled, all_args, seconds=seconds, min_reps=min_reps, max_reps=max_reps, rng=rng)
     times = {k: v / copies for k, v in times.items()}
+    return summarise(pair.name, pair.reference, mode, jnp.dtype(dtype).name, shape,
+                     times, reps, calls, temp)
+
+
+def summarise(function, reference, mode, dtype, shape, times, reps, calls, temp) -> Timing:
+    """A :class:`Timing` from the interleaved samples (seconds per call) of
+    "ours", "ref" and "floor" and the temporary bytes of "ours" and "ref"."""
     ratios = times["ours"] / times["ref"]
     return Timing(
-        function=pair.name, reference=pair.reference, mode=mode,
-        dtype=jnp.dtype(dtype).name, shape=tuple(shape),
+        function=function, reference=reference, mode=mode, dtype=dtype, shape=tuple(shape),
         ours_ms=float(np.median(times["ours"]) * 1e3),
         ref_ms=float(np.median(times["ref"]) * 1e3),
         floor_ms=float(np.median(times["floor"]) * 1e3),

@@ -376,3 +376,27 @@ def weights_spec(name: str, weights: ArrayLike | None, shape: tuple[int, ...]) -
             "cast it first, e.g. weights.astype(jnp.float32)"
         )
     return host_array(weights)
+
+
+def slice_args(
+    name: str, x: ArrayLike, axis: Axis, where: ArrayLike | None, temperature: ArrayLike,
+    arg: str = "x",
+):
+    """The checks of a function over slices (softmax-like), on static
+    information only: ``(array, output dtype, sorted axes, mask, temperature,
+    layout)``. :func:`shaped_slice_args` finishes the mask and the
+    temperature inside the jitted computation, so an eager call makes one
+    dispatch. float16 and bfloat16 arrays stay as they are (the callee takes
+    the slice max in the input dtype, where it is exact)."""
+    arr, out_dtype = as_real_array(name, x, arg, keep_low_precision=True)
+    axes = canonicalize_axes(name, axis, arr.ndim)
+    mask = mask_spec(name, where, arr.shape)
+    t, layout = temperature_spec(name, temperature, arr.shape, axes)
+    return arr, out_dtype, axes, mask, t, layout
+
+
+def shaped_slice_args(axes, layout: str, x: jax.Array, t, mask):
+    """The temperature and mask of :func:`slice_args`, inside the jit."""
+    t = shaped_temperature(t, layout, x.shape, tuple(axes), compute_dtype(x.dtype))
+    return t, shaped_mask(mask, x.shape)
+

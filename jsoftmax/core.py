@@ -21,14 +21,11 @@ from jsoftmax import _normalise as nz
 from jsoftmax._checks import (
     Axis,
     as_real_array,
-    canonicalize_axes,
     compute_dtype,
     dtype_of,
     is_traced,
-    mask_spec,
-    shaped_mask,
-    shaped_temperature,
-    temperature_spec,
+    shaped_slice_args,
+    slice_args,
     upcast,
 )
 from jsoftmax._normalise import INF, AxisName
@@ -38,28 +35,6 @@ __all__ = ["log_softmax", "logsumexp", "softmax"]
 # The internal API for modules built on these functions: ``softmax_over`` and
 # ``log_softmax_over`` take any reduction of ``_normalise`` (``Reduction``
 # axes, or ``Segments``) and arrays already shaped, and carry the custom JVPs.
-
-
-def _canonical_args(name, x, axis, where, temperature, arg="x"):
-    """The checks every public function starts with, on static information
-    only: ``(array, output dtype, sorted axes, mask, temperature, layout)``.
-    The mask and the temperature are shaped inside the jitted computation
-    (``_shaped``), so that an eager call makes one dispatch.
-
-    float16 and bfloat16 arrays stay as they are: ``_normalise.logits`` takes
-    the slice max in the input dtype (exact there) and converts once.
-    """
-    arr, out_dtype = as_real_array(name, x, arg, keep_low_precision=True)
-    axes = canonicalize_axes(name, axis, arr.ndim)
-    mask = mask_spec(name, where, arr.shape)
-    t, layout = temperature_spec(name, temperature, arr.shape, axes)
-    return arr, out_dtype, axes, mask, t, layout
-
-
-def _shaped(axes, layout, x, t, mask):
-    """The mask and temperature of ``_canonical_args``, inside the jit."""
-    t = shaped_temperature(t, layout, x.shape, tuple(axes), compute_dtype(x.dtype))
-    return t, shaped_mask(mask, x.shape)
 
 
 @jax.custom_jvp
@@ -83,7 +58,7 @@ def _softmax_jvp(primals, tangents):
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
 def _softmax_jit(axes, dtype, layout, x, t, mask):
-    return softmax_over(axes, x, *_shaped(axes, layout, x, t, mask)).astype(dtype)
+    return softmax_over(axes, x, *shaped_slice_args(axes, layout, x, t, mask)).astype(dtype)
 
 
 def softmax(
@@ -137,7 +112,7 @@ def softmax(
       >>> jsoftmax.softmax(jnp.array([1.0, 1.0, 0.0]), temperature=0.0)
       Array([0.5, 0.5, 0. ], dtype=float32)
     """
-    arr, dtype, axes, mask, t, layout = _canonical_args("softmax", x, axis, where, temperature)
+    arr, dtype, axes, mask, t, layout = slice_args("softmax", x, axis, where, temperature)
     return _softmax_jit(nz.reduction(axes, axis_name), dtype, layout, arr, t, mask)
 
 
@@ -192,7 +167,7 @@ def _log_softmax_tangent(axes, out, dz):
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
 def _log_softmax_jit(axes, dtype, layout, x, t, mask):
-    return log_softmax_over(axes, x, *_shaped(axes, layout, x, t, mask)).astype(dtype)
+    return log_softmax_over(axes, x, *shaped_slice_args(axes, layout, x, t, mask)).astype(dtype)
 
 
 def log_softmax(
@@ -230,7 +205,7 @@ def log_softmax(
       >>> jsoftmax.log_softmax(jnp.array([10.0, 2.0, 10000.0, 4.0]))
       Array([-9990., -9998.,     0., -9996.], dtype=float32)
     """
-    arr, dtype, axes, mask, t, layout = _canonical_args(
+    arr, dtype, axes, mask, t, layout = slice_args(
         "log_softmax", x, axis, where, temperature
     )
     return _log_softmax_jit(nz.reduction(axes, axis_name), dtype, layout, arr, t, mask)
@@ -353,7 +328,7 @@ def logsumexp(
         return _complex_logsumexp(a, axis, b, keepdims, return_sign, where, temperature, axis_name)
     if b is not None:
         a, b = _broadcast_weights(a, b)
-    arr, out_dtype, axes, mask, t, layout = _canonical_args(
+    arr, out_dtype, axes, mask, t, layout = slice_args(
         "logsumexp", a, axis, where, temperature, "a"
     )
     weights = None
@@ -368,7 +343,7 @@ def logsumexp(
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _logsumexp_jit(axes, dtype, keepdims, return_sign, layout, x, t, mask, b):
-    t, mask = _shaped(axes, layout, x, t, mask)
+    t, mask = shaped_slice_args(axes, layout, x, t, mask)
     if b is not None:
         b = b.astype(compute_dtype(dtype))
     lse, sign = _logsumexp(axes, x, t, mask, b)

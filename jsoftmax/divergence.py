@@ -19,12 +19,8 @@ from jsoftmax import _normalise as nz
 from jsoftmax._checks import (
     Axis,
     as_real_array,
-    canonicalize_axes,
-    compute_dtype,
-    mask_spec,
-    shaped_mask,
-    shaped_temperature,
-    temperature_spec,
+    shaped_slice_args,
+    slice_args,
 )
 from jsoftmax._normalise import INF, AxisName
 
@@ -70,22 +66,9 @@ def _entropy_tangent(axes, log_p, h, dz):
     return -nz.reduce_sum(weight * dz, axes)
 
 
-def _canonical(name, x, axis, where, temperature, arg="logits"):
-    arr, dtype = as_real_array(name, x, arg, keep_low_precision=True)
-    axes = canonicalize_axes(name, axis, arr.ndim)
-    mask = mask_spec(name, where, arr.shape)
-    t, layout = temperature_spec(name, temperature, arr.shape, axes)
-    return arr, dtype, axes, mask, t, layout
-
-
-def _shaped(axes, layout, x, t, mask):
-    t = shaped_temperature(t, layout, x.shape, tuple(axes), compute_dtype(x.dtype))
-    return t, shaped_mask(mask, x.shape)
-
-
 @partial(jax.jit, static_argnums=(0, 1, 2))
 def _entropy_jit(axes, dtype, layout, x, t, mask):
-    h = _entropy(axes, x, *_shaped(axes, layout, x, t, mask))
+    h = _entropy(axes, x, *shaped_slice_args(axes, layout, x, t, mask))
     return jnp.squeeze(h, tuple(axes)).astype(dtype)
 
 
@@ -132,7 +115,7 @@ def entropy(
       >>> jsoftmax.entropy(jnp.array([1.0, 2.0]), where=jnp.array([False, False]))
       Array(0., dtype=float32)
     """
-    arr, dtype, axes, mask, t, layout = _canonical("entropy", logits, axis, where, temperature)
+    arr, dtype, axes, mask, t, layout = slice_args("entropy", logits, axis, where, temperature)
     return _entropy_jit(nz.reduction(axes, axis_name), dtype, layout, arr, t, mask)
 
 
@@ -191,7 +174,7 @@ def _kl_tangent(axes, log_p, log_q, kl, dzp, dzq):
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
 def _kl_divergence_jit(axes, dtype, layout, xp, xq, t, mask):
-    t, mask = _shaped(axes, layout, xp, t, mask)
+    t, mask = shaped_slice_args(axes, layout, xp, t, mask)
     kl = _kl_divergence(axes, xp, xq, t, mask)
     return jnp.squeeze(kl, tuple(axes)).astype(dtype)
 
@@ -244,7 +227,7 @@ def kl_divergence(
       Array(inf, dtype=float32)
     """
     name = "kl_divergence"
-    arr_p, dtype_p, axes, mask, t, layout = _canonical(
+    arr_p, dtype_p, axes, mask, t, layout = slice_args(
         name, logits_p, axis, where, temperature, "logits_p"
     )
     arr_q, dtype_q = as_real_array(name, logits_q, "logits_q", keep_low_precision=True)
