@@ -221,6 +221,59 @@ def test_fused_data_and_vocab_parallel(mesh2d, fused_inputs):
         _close(actual, want)
 
 
+@pytest.mark.parametrize(("reduction", "chunk_size"), [("none", 3), ("mean", None), ("sum", 3)])
+def test_fused_options_match_unsharded(mesh, fused_inputs, reduction, chunk_size):
+    """bias (sharded with weight's columns), a soft cap, per-example weights
+    and the reductions: values and gradients of every input, cap included."""
+    h, w, y, m, g = (fused_inputs[k] for k in ("h", "w", "labels", "mask", "g"))
+    rng = np.random.default_rng(5)
+    bias = rng.normal(size=VF).astype(np.float32)
+    weights = rng.uniform(0.2, 2.0, size=N).astype(np.float32)
+
+    def loss(h, w, b, wt, t, cap, axis_name=None):
+        return jsoftmax.fused_linear_cross_entropy(
+            h, w, y, where=m, chunk_size=chunk_size, temperature=t, label_smoothing=0.1,
+            z_loss=0.01, bias=b, logit_soft_cap=cap, weights=wt, reduction=reduction,
+            axis_name=axis_name,
+        )
+
+    args = (h, w, bias, weights, jnp.float32(0.8), jnp.float32(2.0))
+    expected, vjp = jax.vjp(loss, *args)
+    cotangent = g if reduction == "none" else jnp.float32(1.3)
+    sharded = jax.jit(jax.shard_map(
+        lambda *a: loss(*a, axis_name="v"), mesh=mesh,
+        in_specs=(P(), P(None, "v"), P("v"), P(), P(), P()), out_specs=P(),
+    ))
+    got, vjp2 = jax.vjp(sharded, *args)
+    _close(got, expected)
+    for actual, want in zip(vjp2(cotangent), vjp(cotangent), strict=True):
+        _close(actual, want)
+
+
+def test_fused_options_data_and_vocab_parallel(mesh2d, fused_inputs):
+    """The bias's gradient is summed over the data-parallel axis."""
+    h, w, y, m, g = (fused_inputs[k] for k in ("h", "w", "labels", "mask", "g"))
+    bias = np.random.default_rng(6).normal(size=VF).astype(np.float32)
+    weights = np.linspace(0.5, 2.0, N).astype(np.float32)
+
+    def loss(h, w, b, y, m, wt, axis_name=None):
+        return jsoftmax.fused_linear_cross_entropy(
+            h, w, y, where=m, chunk_size=3, bias=b, logit_soft_cap=2.0, weights=wt,
+            axis_name=axis_name,
+        )
+
+    expected, vjp = jax.vjp(lambda h, w, b: loss(h, w, b, y, m, weights), h, w, bias)
+    rows = P("data")
+    sharded = jax.shard_map(
+        lambda h, w, b, y, m, wt: loss(h, w, b, y, m, wt, "v"), mesh=mesh2d,
+        in_specs=(rows, P(None, "v"), P("v"), rows, rows, rows), out_specs=rows,
+    )
+    got, vjp2 = jax.vjp(lambda h, w, b: sharded(h, w, b, y, m, weights), h, w, bias)
+    _close(got, expected)
+    for actual, want in zip(vjp2(g), vjp(g), strict=True):
+        _close(actual, want)
+
+
 def test_fused_out_of_range_label_is_nan(mesh, fused_inputs):
     h, w = fused_inputs["h"], fused_inputs["w"]
     y = fused_inputs["labels"].copy()
