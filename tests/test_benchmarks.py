@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import edge_cases, overhead, run
+from benchmarks import edge_cases, family, overhead, run
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,21 @@ def test_overhead_table_has_a_line_per_variant(overhead_quick):
     rows = [overhead.Row(**r) for r in overhead_quick["rows"]]
     lines = overhead.table(rows).splitlines()
     assert len(lines) == 2 + len({(r.function, r.variant) for r in rows})
+
+
+# --------------------------------------------------------------------------
+# benchmarks/family.py: entropy, KL and segment_softmax, in --quick mode.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_family_benchmark_has_every_case():
+    timings = family.main(["--quick", "--seconds", "0.01"])
+    names = {t.function.split(" ")[0] for t in timings}
+    assert names == {"entropy", "kl_divergence", "segment_softmax"}
+    # 2 functions x 1 shape x 2 dtypes x 2 modes, and 2 id orders x 2 modes.
+    assert len(timings) == 12
+    for t in timings:  # sane numbers, never a timing target
+        assert t.ours_ms > 0 and t.ref_ms > 0 and math.isfinite(t.ratio)
+        assert t.ours_temp_bytes >= 0 and t.ref_temp_bytes >= 0
+
