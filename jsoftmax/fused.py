@@ -314,7 +314,7 @@ def _fused_fwd(chunk, axis_name, h, w, bias, labels, t, cap, mask, alpha, z_loss
         loss = jnp.where(ok.reshape(ok.shape[:1]) if ok.ndim else ok, loss, jnp.nan)
     if cap is not None:
         # A traced negative or NaN cap: NaN, as for an invalid temperature.
-        loss = jnp.where((cap >= 0) | (cap == jnp.inf), loss, jnp.nan)
+        loss = jnp.where(cap >= 0, loss, jnp.nan)
     residuals = (h, w, bias, labels, t, cap, mask, alpha, z_loss, lse, y_label, y_sum, valid)
     return loss, residuals
 
