@@ -331,7 +331,7 @@ def mask_spec(name: str, where: ArrayLike | None, shape: tuple[int, ...]) -> Arr
     if where is None:
         return None
     mask_shape = tuple(np.shape(where))
-    if not _broadcasts_to(mask_shape, tuple(shape)):
+    if mask_shape != tuple(shape) and not _broadcasts_to(mask_shape, tuple(shape)):
         raise ValueError(
             f"{name}: where has shape {mask_shape}, which does not broadcast to the "
             f"input shape {tuple(shape)}; give a boolean mask of the input's shape "

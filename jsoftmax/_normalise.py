@@ -26,6 +26,7 @@ the library re-derives a limit.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable
 from typing import NamedTuple
 
@@ -81,6 +82,8 @@ class Reduction(tuple):
     def __new__(cls, axes, axis_name=None):
         self = super().__new__(cls, axes)
         self.axis_name = axis_name
+        # Hashed on every jitted call (a static argument): computed once.
+        self._hash = hash((tuple(self), axis_name))
         return self
 
     def __eq__(self, other):
@@ -90,7 +93,7 @@ class Reduction(tuple):
         return not self == other
 
     def __hash__(self):
-        return hash((tuple(self), self.axis_name))
+        return self._hash
 
     def __reduce__(self):
         return Reduction, (tuple(self), self.axis_name)
@@ -160,8 +163,10 @@ class Segments:
         return self.per_entry(table) if keepdims else table
 
 
+@functools.lru_cache(maxsize=256)
 def reduction(axes: tuple[int, ...], axis_name: AxisName | None) -> Reduction:
-    """``axes`` and the mesh axis ``axis_name`` (or None) as a :class:`Reduction`."""
+    """``axes`` and the mesh axis ``axis_name`` (or None) as a :class:`Reduction`
+    (one object per pair, made once: eager calls ask for it every time)."""
     return Reduction(axes, axis_name)
 
 
