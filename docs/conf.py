@@ -35,7 +35,10 @@ myst_enable_extensions = ["colon_fence", "dollarmath"]
 # Anchors for "#heading" links inside BENCHMARKS.md and CHANGELOG.md.
 myst_heading_anchors = 3
 
-autodoc_typehints = "description"
+# The docstrings' Args say what each argument may be. The annotations are mostly
+# jax's ArrayLike, which autodoc expands into an eight-way Union (or, as an alias,
+# prints as TypeAliasForwardRef(...) inside Optional).
+autodoc_typehints = "none"
 autodoc_member_order = "bysource"
 autosummary_generate = False
 napoleon_google_docstring = True
