@@ -189,3 +189,11 @@ def test_bad_arguments_name_the_fix():
         jsoftmax.segment_softmax(x, jnp.zeros(3, int), 2, temperature=jnp.ones(3))
     with pytest.raises(TypeError, match="num_segments must be a Python int"):
         jsoftmax.segment_softmax(x, jnp.zeros(3, int), 2.0)
+
+
+def test_vmap_over_logits_and_ids():
+    x = np.random.default_rng(3).standard_normal((3, 6)).astype(np.float32)
+    ids = np.array([[0, 0, 1, 1, 2, 2], [0, 1, 0, 1, 0, 1], [2, 2, 2, 0, 0, -1]])
+    got = jax.vmap(lambda x, i: jsoftmax.segment_softmax(x, i, 3))(x, ids)
+    want = [ref.segment_apply(ref.probabilities, x[k], ids[k], 3) for k in range(3)]
+    np.testing.assert_allclose(got, np.nan_to_num(want, nan=0.0), rtol=1e-6, atol=1e-7)
