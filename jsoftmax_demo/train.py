@@ -2,14 +2,17 @@
 
 Trains a small multi-layer perceptron in plain JAX with Adam and jsoftmax's
 cross-entropy, on scikit-learn's handwritten digits (default) or a synthetic
-spiral set, on CPU or GPU, data parallel over every local device. It then fits
+spiral set, on CPU or GPU, data parallel over every local device, or over
+every device of several processes (``--coordinator-address``,
+``--num-processes``, ``--process-id``: JAX's multi-controller runtime, one
+command per process). It then fits
 one temperature on the validation split (temperature scaling, Guo et al. 2017)
 and reports the test NLL and 15-bin expected calibration error before and
 after. Run ``jsoftmax-train --help`` for the flags.
 
 The pieces are importable for notebooks: :func:`load_dataset`,
 :func:`init_mlp`, :func:`mlp_apply`, :func:`make_train_step`,
-:func:`select_devices`, :func:`train`, :func:`predict_logits`,
+:func:`select_devices`, :func:`mesh_devices`, :func:`train`, :func:`predict_logits`,
 :func:`calibrate`. optax comes with the ``demo`` extra, as do scikit-learn,
 matplotlib and tqdm, which are imported only inside the functions that need
 them. Also runnable as ``python -m jsoftmax_demo.train``.
@@ -29,6 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 try:
@@ -55,6 +59,7 @@ __all__ = [
     "main",
     "make_spirals",
     "make_train_step",
+    "mesh_devices",
     "mlp_apply",
     "predict_logits",
     "select_devices",
@@ -227,10 +232,34 @@ def select_devices(platform: str = "auto") -> list[jax.Device]:
         ) from err
 
 
+def mesh_devices(local: Sequence[jax.Device]) -> list[jax.Device]:
+    """The devices to shard over: ``local``, or with several processes every
+    process's devices of the same platform (the mesh must span them all)."""
+    if jax.process_count() == 1:
+        return list(local)
+    return jax.devices(local[0].platform)
+
+
 def _shardings(devices: Sequence[jax.Device]) -> tuple[NamedSharding, NamedSharding]:
     """(replicated, batch-sharded) shardings over a 1-d mesh of ``devices``."""
     mesh = Mesh(np.asarray(devices), ("data",))
     return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+
+
+def _put(tree: Any, sharding: NamedSharding) -> Any:
+    """Host values (the same in every process) placed with ``sharding``.
+
+    A sharding over other processes' devices takes each local device's part
+    only: every process holds the whole batch, and sends its own rows.
+    """
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def put(leaf):
+        leaf = np.asarray(leaf)
+        return jax.make_array_from_callback(leaf.shape, sharding, lambda index: leaf[index])
+
+    return jax.tree.map(put, tree)
 
 
 def predict_logits(params: Params, x: np.ndarray, devices: Sequence[jax.Device]) -> np.ndarray:
@@ -238,7 +267,10 @@ def predict_logits(params: Params, x: np.ndarray, devices: Sequence[jax.Device])
     _, batch = _shardings(devices)
     pad = -len(x) % len(devices)
     padded = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-    return np.asarray(_jit_apply(params, jax.device_put(padded, batch)))[: len(x)]
+    logits = _jit_apply(params, _put(padded, batch))
+    if not logits.is_fully_addressable:  # some rows are on other processes: fetch them
+        logits = multihost_utils.process_allgather(logits, tiled=True)
+    return np.asarray(logits)[: len(x)]
 
 
 # --------------------------------------------------------------------------
@@ -261,15 +293,17 @@ def train(
 
     Every epoch visits the training set in a fresh seeded order, in batches of
     ``batch_size`` (the remainder is dropped so the step compiles once). The
-    batch is sharded over ``devices`` (default: all local devices of the
-    default backend), so ``batch_size`` must be a multiple of their number.
+    batch is sharded over ``devices`` (default: all devices of the default
+    backend, those of every process when there are several), so
+    ``batch_size`` must be a multiple of their number. With several
+    processes, each calls this with the same ``data`` and arguments.
 
     Returns:
       ``(params, history)``: the trained parameters and one dict per epoch
       with ``epoch``, ``train_loss``, ``train_accuracy``, ``val_loss``,
       ``val_accuracy``; ``on_epoch`` is called with each.
     """
-    devices = list(devices or jax.local_devices())
+    devices = list(devices or jax.devices())
     if batch_size % len(devices):
         raise DemoError(
             f"--batch-size {batch_size} does not split over {len(devices)} devices; "
@@ -283,8 +317,9 @@ def train(
     replicated, batch = _shardings(devices)
     optimizer = optax.adam(learning_rate)
     sizes = [data.x_train.shape[1], hidden, hidden, data.num_classes]
-    params = jax.device_put(init_mlp(jax.random.key(seed), sizes), replicated)
-    opt_state = jax.device_put(optimizer.init(params), replicated)
+    host_params = jax.device_get(init_mlp(jax.random.key(seed), sizes))
+    params = _put(host_params, replicated)
+    opt_state = _put(jax.device_get(optimizer.init(host_params)), replicated)
     step = make_train_step(optimizer)
     rng = np.random.default_rng(seed)
     history = []
@@ -292,8 +327,8 @@ def train(
         order = rng.permutation(len(data.y_train))[: steps_per_epoch * batch_size]
         losses, accuracies = [], []
         for idx in order.reshape(steps_per_epoch, batch_size):
-            x = jax.device_put(data.x_train[idx], batch)
-            y = jax.device_put(data.y_train[idx], batch)
+            x = _put(data.x_train[idx], batch)
+            y = _put(data.y_train[idx], batch)
             params, opt_state, loss, accuracy = step(params, opt_state, x, y)
             losses.append(loss)
             accuracies.append(accuracy)
@@ -437,7 +472,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR",
                    help="write metrics.json, curves.png and reliability.png to DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    procs = p.add_argument_group(
+        "several processes",
+        "JAX's multi-controller runtime: run the same command once per process (one per "
+        "host, or several on one), each with its own --process-id; the batch is split "
+        "over every process's devices, and process 0 prints the summary and writes --out",
+    )
+    procs.add_argument("--coordinator-address", metavar="HOST:PORT", type=_address,
+                       help="where process 0 listens for the others (the same in every process)")
+    procs.add_argument("--num-processes", metavar="N", type=_number(int, 1),
+                       help="how many processes take part")
+    procs.add_argument("--process-id", metavar="I", type=_number(int, 0),
+                       help="this process's id, 0 to N - 1")
     return p
+
+
+def _address(text: str) -> str:
+    """An argparse type: ``HOST:PORT`` with a port in 1..65535."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return text
+
+
+def join_processes(args: argparse.Namespace) -> bool:
+    """Joins JAX's multi-controller runtime when the process flags are given.
+
+    Must run before anything touches a device. Returns whether it joined.
+    """
+    flags = (args.coordinator_address, args.num_processes, args.process_id)
+    if all(flag is None for flag in flags):
+        return False
+    if any(flag is None for flag in flags):
+        raise DemoError("--coordinator-address, --num-processes and --process-id go together")
+    if args.process_id >= args.num_processes:
+        raise DemoError(f"--process-id {args.process_id} is not below "
+                        f"--num-processes {args.num_processes}")
+    if args.platform != "gpu":
+        # Without gloo, CPU devices of different processes have no collectives.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                                   num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    except (RuntimeError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DemoError(f"--coordinator-address {args.coordinator_address}: "
+                        f"could not join the other processes ({reason})") from err
+    return True
 
 
 def _prepare_out(path: str) -> str:
@@ -465,23 +547,34 @@ def _progress(epochs: int, enabled: bool):
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs the whole example for parsed ``args`` and returns the metrics."""
+    """Runs the whole example for parsed ``args`` and returns the metrics.
+
+    With the process flags, every process returns the metrics, and process 0
+    alone prints the summary and writes ``--out``.
+    """
+    joined = join_processes(args)
+    lead = jax.process_index() == 0
     out = None
-    if args.out:
+    if args.out and lead:
         out = _prepare_out(args.out)
         _pyplot()  # fail now, not after training, when matplotlib is missing
-    devices = select_devices(args.platform)
+    local = select_devices(args.platform)
+    devices = mesh_devices(local)
     backend = devices[0].platform
     kinds = ", ".join(sorted({d.device_kind for d in devices}))
-    print(f"jsoftmax-train: {args.dataset} on {backend} "
-          f"({len(devices)} device{'s' * (len(devices) > 1)}: {kinds})", flush=True)
+    where = f"{len(devices)} device{'s' * (len(devices) > 1)}"
+    if jax.process_count() > 1:
+        where = (f"process {jax.process_index()} of {jax.process_count()}, "
+                 f"{where} in all, {len(local)} here")
+    print(f"jsoftmax-train: {args.dataset} on {backend} ({where}: {kinds})", flush=True)
     if args.batch_size % len(devices):
         rounded = -(-args.batch_size // len(devices)) * len(devices)
-        print(f"batch size {args.batch_size} rounded up to {rounded} to split over "
-              f"{len(devices)} devices")
+        if lead:
+            print(f"batch size {args.batch_size} rounded up to {rounded} to split over "
+                  f"{len(devices)} devices")
         args.batch_size = rounded
     data = load_dataset(args.dataset, args.seed)
-    bar = _progress(args.epochs, not args.quiet and sys.stderr.isatty())
+    bar = _progress(args.epochs, lead and not args.quiet and sys.stderr.isatty())
 
     def on_epoch(record):
         if bar is not None:
@@ -491,7 +584,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bar.update()
 
     start = time.perf_counter()
-    with jax.default_device(devices[0]):
+    with jax.default_device(local[0]):
         try:
             params, history = train(
                 data, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
@@ -508,6 +601,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dataset": args.dataset,
         "backend": backend,
         "devices": len(devices),
+        "processes": jax.process_count(),
         "device_kind": kinds,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -522,13 +616,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "train_seconds": train_seconds,
         "history": history,
     }
-    _print_summary(metrics)
+    if lead:
+        _print_summary(metrics)
     if out is not None:
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         plot_training_curves(history, os.path.join(out, "curves.png"))
         plot_reliability(cal, os.path.join(out, "reliability.png"))
         print(f"wrote metrics.json, curves.png, reliability.png to {out}")
+    if joined:
+        # A barrier: process 0 hosts the coordinator, so it must not exit first.
+        jax.distributed.shutdown()
     return metrics
 
 
