@@ -103,3 +103,41 @@ def test_vocab_parallel_across_processes(tmp_path):
             "softmax", "softmax_grad",
         }
     assert codes == [0] * NUM_PROCESSES, read_logs(tmp_path)
+
+
+# The digits configuration of tests/test_train.py's end-to-end runs.
+TINY_DIGITS = ["--epochs", "5", "--hidden", "32", "--quiet"]
+
+
+@pytest.mark.slow
+def test_training_across_processes_agrees_with_one(tmp_path):
+    """jsoftmax-train in 2 processes x 2 devices (one global batch over 4
+    devices) reaches the test accuracy of the 1-process run."""
+    import contextlib
+    import io
+
+    from jsoftmax_demo import train
+
+    single = tmp_path / "single"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert train.main([*TINY_DIGITS, "--out", str(single)]) == 0
+    expected = json.loads((single / "metrics.json").read_text())
+
+    out = tmp_path / "multi"  # the same --out for both; only process 0 writes it
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    flags = [*TINY_DIGITS, "--out", str(out), "--coordinator-address",
+             f"127.0.0.1:{free_port()}", "--num-processes", str(NUM_PROCESSES)]
+    commands = [[sys.executable, "-m", "jsoftmax_demo.train", *flags, "--process-id", str(i)]
+                for i in range(NUM_PROCESSES)]
+    codes = launch(commands, logs)
+    assert codes == [0] * NUM_PROCESSES, read_logs(logs)
+    stdout = [(logs / f"{i}.out").read_text() for i in range(NUM_PROCESSES)]
+    assert "process 0 of 2, 4 devices in all, 2 here" in stdout[0]
+    assert "process 1 of 2" in stdout[1]
+    assert "test accuracy" in stdout[0] and "test accuracy" not in stdout[1]
+    got = json.loads((out / "metrics.json").read_text())
+    assert (got["processes"], got["devices"]) == (NUM_PROCESSES, NUM_PROCESSES * LOCAL_DEVICES)
+    assert (expected["processes"], got["batch_size"]) == (1, expected["batch_size"])
+    assert abs(got["test_accuracy"] - expected["test_accuracy"]) <= 0.01
+    assert got["temperature"] == pytest.approx(expected["temperature"], rel=0.05)

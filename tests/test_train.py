@@ -234,6 +234,30 @@ def test_bad_flags_give_one_line_error(argv, tmp_path, capsys):
     assert err.startswith("jsoftmax-train: error:") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--num-processes", "2"],  # without the other two process flags
+        ["--coordinator-address", "127.0.0.1:1234", "--process-id", "0"],
+        ["--coordinator-address", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+        ["--coordinator-address", "no-port", "--num-processes", "2", "--process-id", "0"],
+        ["--coordinator-address", "host:99999", "--num-processes", "2", "--process-id", "0"],
+        ["--num-processes", "0"],
+        ["--process-id", "-1"],
+    ],
+)
+def test_bad_process_flags_give_one_line_error(argv, capsys):
+    """Caught before joining any other process (nothing listens on port 1234)."""
+    try:
+        status = train.main([*argv, "--quiet"])
+    except SystemExit as exc:
+        status = exc.code
+    assert status not in (0, None)
+    err = capsys.readouterr().err
+    assert err.startswith("jsoftmax-train: error:") and err.count("\n") == 1, err
+    assert jax.process_count() == 1
+
+
 def test_missing_gpu_is_a_clear_error(capsys):
     try:
         jax.devices("gpu")
