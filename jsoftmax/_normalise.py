@@ -59,6 +59,7 @@ __all__ = [
     "slice_shift",
     "tangent_logits",
     "tangent_value",
+    "untempered_log_sum",
 ]
 
 INF = float("inf")
@@ -323,6 +324,24 @@ def log_sum(shift: jax.Array, s: jax.Array, t: jax.Array | None) -> jax.Array:
         unit_at_inf = (t == INF) & (jnp.abs(s) == 1)
         log_s = jnp.where(unit_at_inf, 0.0, t * log_s)
     return jnp.where(s == 0, -INF, shift + log_s)
+
+
+def untempered_log_sum(axes, x: jax.Array, mask=None) -> tuple[jax.Array, jax.Array]:
+    """``(logsumexp, sign)`` keepdims at t = 1 without weights, from x itself.
+
+    The value needs none of the per-entry limits of :func:`shifted`: x - max
+    is NaN only on a slice whose max is +inf, and that slice's logsumexp is
+    +inf whatever the rest, so it is set per slice on the result. Equal to
+    :func:`log_sum` over :func:`logits` on every input, with one pass fewer
+    over the slice (the logits are never stored).
+    """
+    shift = slice_shift(axes, x, None, mask)
+    x = upcast(x)
+    if mask is not None:
+        x = jnp.where(mask, x, -INF)
+    s = reduce_sum(jnp.exp(x - shift), axes)
+    top = shift == INF
+    return jnp.where(top, INF, shift + jnp.log(s)), jnp.where(top, 1.0, jnp.sign(s))
 
 
 def entropy(z: jax.Array, axes, keepdims: bool = True) -> jax.Array:
