@@ -72,9 +72,36 @@ def _dot(a, b):
     return jnp.matmul(a, b, preferred_element_type=_acc(a.dtype))
 
 
-def _dot_tn(a, b):
-    """``a.T @ b`` accumulated in at least float32, without materialising ``a.T``."""
+def _dot_nt(a, b):
+    """``a @ b.T`` accumulated in at least float32, without materialising ``b.T``."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_acc(a.dtype))
+
+
+def _dot_tn(a, a_t, b):
+    """``a.T @ b`` accumulated in at least float32; ``a_t`` is ``a.T`` made
+    once by :func:`_transposed_once`, or None to contract ``a`` in place."""
+    if a_t is not None:
+        return _dot(a_t, b)
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_acc(a.dtype))
+
+
+def _transposed_once(a):
+    """``a.T`` as an array of its own for 16-bit ``a``, else None.
+
+    XLA:CPU multiplies 16-bit operands natively only with the contracted
+    axis last in the left operand; otherwise it converts both operands to
+    float32 first, i.e. all of ``hidden``. One 16-bit transposed copy,
+    made outside the chunk loop, costs half of that and no time per chunk.
+    """
+    return a.T if jnp.dtype(a.dtype).itemsize < 4 else None
+
+
+def _per_chunk(start, *xs):
+    """``xs`` tied to the chunk's ``start``, so that nothing computed from
+    them is hoisted out of the chunk loop or shared between chunks: XLA:CPU
+    would otherwise convert all of a 16-bit ``weight`` to float32 once
+    instead of each chunk's columns."""
+    return lax.optimization_barrier((jnp.asarray(start), xs))[1]
 
 
 def _shard_offset(axis_name, v_local):
@@ -131,7 +158,9 @@ def _over_chunks(step, carry, v_local, chunk):
     if count:
         carry = lax.fori_loop(0, count, lambda i, c: step(c, i * chunk, chunk), carry)
     if remainder:
-        carry = step(carry, count * chunk, remainder)
+        # A loop of one trip too: XLA:CPU then sees the remainder's operands
+        # as loop values, and multiplies them in 16 bits as in the loop above.
+        carry = lax.fori_loop(0, 1, lambda _, c: step(c, count * chunk, remainder), carry)
     return carry
 
 
@@ -177,18 +206,6 @@ def _soft_cap_grads(z, th, cap):
 # --------------------------------------------------------------------------
 
 
-def _label_logit(h, w, bias, cap, local, v_local):
-    """Each row's (capped) logit of its label, gathered from its weight
-    column; the caller zeroes the rows whose label is on another shard."""
-    acc = _acc(h.dtype)
-    index = jnp.clip(local, 0, v_local - 1)
-    w_label = jnp.take(w, index, axis=1)  # [D, N]
-    z = jnp.sum(h.astype(acc) * w_label.T.astype(acc), axis=1)
-    if bias is not None:
-        z = z + jnp.take(bias, index).astype(acc)
-    return _soft_cap(z, cap)[0]
-
-
 def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask):
     """Returns per-example ``(lse, gap, y_label, y_sum, valid)``, each [N].
 
@@ -216,41 +233,41 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask):
         return z if inv_t is None else z * inv_t
 
     def step(carry, start, size):
-        m, rest, y_sum = carry
-        y = scaled(_soft_cap(_linear(h, w, bias, start, size), cap)[0])
+        m, rest, y_label, y_sum = carry
+        w_c, bias_c = _per_chunk(start, w, bias)
+        y = scaled(_soft_cap(_linear(h, w_c, bias_c, start, size), cap)[0])
         m_new = jnp.maximum(m, jnp.max(y, axis=1))
         shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
         cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
-        terms = jnp.where(cols == labels[:, None], 0.0, jnp.exp(y - shift[:, None]))
+        hit = cols == labels[:, None]
+        terms = jnp.where(hit, 0.0, jnp.exp(y - shift[:, None]))
         rest = rest * jnp.exp(m - shift) + jnp.sum(terms, axis=1)
+        # The label's logit picked from the chunk: a gather of weight's
+        # columns would need an [N, D] buffer, and this is the very value
+        # the logsumexp sees.
+        y_label = y_label + jnp.sum(jnp.where(hit, y, 0.0), axis=1)
         if cap is not None:
             # Capped logits are not linear in w: their sum is accumulated.
             y_sum = y_sum + jnp.sum(y, axis=1)
-        return m_new, rest, y_sum
+        return m_new, rest, y_label, y_sum
 
-    carry = (jnp.full((n,), -jnp.inf, acc), jnp.zeros((n,), acc), jnp.zeros((n,), acc))
+    carry = (jnp.full((n,), -jnp.inf, acc), *(jnp.zeros((n,), acc) for _ in range(3)))
     # Under shard_map, the loop state varies over whatever the chunks vary over.
     axes = _vma(h, w, bias, labels, inv_t, cap)
     carry = tuple(_varying(c, axes) for c in carry)
-    m, rest, y_sum = _over_chunks(step, carry, v_local, chunk)
+    m, rest, y_label, y_sum = _over_chunks(step, carry, v_local, chunk)
     if axis_name is not None:
         m_global = lax.pmax(m, axis_name)
         shift = jnp.where(jnp.isfinite(m_global), m_global, 0.0)
         rest = lax.psum(rest * jnp.exp(m - shift), axis_name)
         m = m_global
 
-    # The label's logit (0 if out of range).
-    local = labels - offset
-    here = (local >= 0) & (local < v_local)
-    y_label = _label_logit(h, w, bias, cap, local, v_local)
-    if inv_t is not None:
-        y_label = y_label * inv_t.reshape(inv_t.shape[:1])
-    y_label = _psum(jnp.where(here, y_label, 0.0), axis_name)
+    # The label's logit (0 if out of range, from the one shard that has it).
+    y_label = _psum(y_label, axis_name)
 
-    # lse - y_label = log(rest * exp(m - y_label) + 1). m - y_label is about 0
-    # when the label is the maximum (rounding may differ between the matmul
-    # and the gather, which only scales ``rest`` by 1 + O(eps |y|)); when it
-    # is far below, log(rest) + (m - y_label) avoids overflowing exp.
+    # lse - y_label = log(rest * exp(m - y_label) + 1). m - y_label is 0 when
+    # the label is the maximum (both are the same chunk logit); when it is
+    # far below, log(rest) + (m - y_label) avoids overflowing exp.
     d = jnp.where(jnp.isfinite(m), m, 0.0) - y_label
     near = d < 30.0
     gap = jnp.where(
@@ -267,7 +284,9 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask):
     if cap is None:
         # Without a cap the sum of the logits comes straight from the
         # weights' row sums (and the bias's sum).
-        y_sum = _dot(h.astype(acc), jnp.sum(w, axis=1, dtype=acc))
+        # (An elementwise product, not a matmul: XLA:CPU would convert a
+        # 16-bit ``hidden`` to float32 whole for a mixed-dtype matmul.)
+        y_sum = jnp.sum(h * jnp.sum(w, axis=1, dtype=acc), axis=1)
         if bias is not None:
             y_sum = y_sum + jnp.sum(bias, dtype=acc)
         if inv_t is not None:
@@ -349,10 +368,14 @@ def _fused_bwd(chunk, axis_name, residuals, g):
     if inv_t is not None:
         row_inv_t = inv_t if inv_t.ndim == 0 else inv_t.reshape(n, 1)
     lse_col = lse[:, None]
+    h_t = _transposed_once(h)
 
     def step(carry, start, size):
         dh, dw, db, ty, tc = carry
-        z = _linear(h, w, bias, start, size)
+        # h_t too: else, in a loop XLA unrolls, its transpose would be folded
+        # into a 16-bit matmul that XLA:CPU cannot run.
+        w_c, bias_c, h_t_c = _per_chunk(start, w, bias, h_t)
+        z = _linear(h, w_c, bias_c, start, size)
         capped, th = _soft_cap(z, cap)
         y = capped if inv_t is None else capped * row_inv_t
         p = jnp.exp(y - lse_col)
@@ -367,8 +390,8 @@ def _fused_bwd(chunk, axis_name, residuals, g):
             tc = tc + jnp.sum(dy * d_cap, axis=1)
             dy = dy * slope
         dz = dy.astype(w.dtype)
-        dh = dh + _dot(dz, _cols(w, start, size).T)
-        dw_c = _dot_tn(h, dz.astype(h.dtype)).astype(w.dtype)
+        dh = dh + _dot_nt(dz, _cols(w_c, start, size))
+        dw_c = _dot_tn(h, h_t_c, dz.astype(h.dtype)).astype(w.dtype)
         dw = lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=1)
         if bias is not None:
             db_c = jnp.sum(dy, axis=0).astype(bias.dtype)
