@@ -679,3 +679,64 @@ def test_options_keep_the_memory_fraction():
     assert fused * 8 <= reference, (fused, reference)
     # The options add per-example and per-chunk temporaries only.
     assert fused <= plain + 4 * n * 256 * 4 + 2 * v * 4, (fused, plain)
+
+
+def _step_temp_bytes(n, d, v, dtype, loss_fn):
+    """Temporaries of jit(value_and_grad(mean loss)) w.r.t. hidden and weight,
+    compiled from shapes only (nothing is allocated)."""
+    h = jax.ShapeDtypeStruct((n, d), dtype)
+    w = jax.ShapeDtypeStruct((d, v), dtype)
+    labels = jax.ShapeDtypeStruct((n,), jnp.int32)
+    step = jax.jit(jax.value_and_grad(lambda h, w, y: loss_fn(h, w, y).mean(), (0, 1)))
+    return step.lower(h, w, labels).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_bfloat16_keeps_no_float32_copy_of_the_operands():
+    """bfloat16 temporaries are float32's plus two buffers only: the float32
+    accumulator of hidden's gradient (which float32 keeps in its output) and
+    the 16-bit chunk gradient (which float32 writes over its logits). A
+    float32 copy of weight (d * v * 4 bytes) or of hidden would not fit."""
+    n, d, v, chunk = 256, 64, 4096, 128
+
+    def temp(dtype):
+        return _step_temp_bytes(n, d, v, dtype, lambda h, w, y: fused_linear_cross_entropy(
+            h, w, y, chunk_size=chunk))
+
+    bf16, f32 = temp(jnp.bfloat16), temp(jnp.float32)
+    assert bf16 <= f32 + n * d * 4 + n * chunk * 2, (bf16, f32)
+
+
+@pytest.mark.parametrize("v", [100, 256, 300, 1000])
+def test_bfloat16_gradients_for_any_number_of_chunks(v):
+    """One chunk, exactly one, one and a remainder, several and a remainder:
+    every layout of the chunk loop compiles to matmuls XLA can run in 16
+    bits, and the gradients match float64 on the rounded inputs."""
+    rng = np.random.default_rng(2)
+    n, d = 48, 32
+    h = jnp.asarray(rng.normal(size=(n, d)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(d, v)) * d**-0.5, jnp.bfloat16)
+    labels = rng.integers(0, v, size=n).astype(np.int32)
+    mask = np.arange(n) % 4 != 0
+    loss, (dh, dw) = jax.jit(jax.value_and_grad(
+        lambda h, w: fused_linear_cross_entropy(
+            h, w, labels, chunk_size=256, where=mask).astype(jnp.float32).sum(), (0, 1)
+    ))(h, w)
+    ref, grads = _reference(np.asarray(h, np.float64), np.asarray(w, np.float64), labels,
+                            np.ones(n), mask=mask)
+    np.testing.assert_allclose(float(loss), ref.sum(), rtol=1e-2)
+    # The chunk gradient is rounded to bfloat16 before its matmuls: errors
+    # scale with the largest gradient, not each entry's (some nearly cancel).
+    for got, want in ((dh, grads["hidden"]), (dw, grads["weight"])):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=3e-2,
+                                   atol=3e-2 * np.abs(want).max())
+
+
+def test_llama3_scale_bfloat16_memory_fraction():
+    """N = 8192, D = 4096, V = 128256 in bfloat16 (compile only): the fused
+    step keeps at most 1/30 of the temporaries of optax's unfused step."""
+    n, d, v = 8192, 4096, 128256
+    fused = _step_temp_bytes(n, d, v, jnp.bfloat16, fused_linear_cross_entropy)
+    unfused = _step_temp_bytes(n, d, v, jnp.bfloat16, lambda h, w, y: (
+        optax.losses.softmax_cross_entropy_with_integer_labels(h @ w, y)))
+    assert unfused >= n * v * 4
+    assert fused * 30 <= unfused, (fused, unfused)
