@@ -88,10 +88,10 @@ def _dot_tn(a, a_t, b):
 def _transposed_once(a):
     """``a.T`` as an array of its own for 16-bit ``a``, else None.
 
-    XLA:CPU multiplies 16-bit operands natively only with the contracted
-    axis last in the left operand; otherwise it converts both operands to
-    float32 first, i.e. all of ``hidden``. One 16-bit transposed copy,
-    made outside the chunk loop, costs half of that and no time per chunk.
+    XLA:CPU multiplies bfloat16 natively only with the contracted axis last
+    in the left operand; otherwise it converts both operands to float32
+    first, i.e. all of ``hidden``. One 16-bit transposed copy, made outside
+    the chunk loop, costs half of that and no time per chunk.
     """
     return a.T if jnp.dtype(a.dtype).itemsize < 4 else None
 
