@@ -329,19 +329,20 @@ def log_sum(shift: jax.Array, s: jax.Array, t: jax.Array | None) -> jax.Array:
 def untempered_log_sum(axes, x: jax.Array, mask=None) -> tuple[jax.Array, jax.Array]:
     """``(logsumexp, sign)`` keepdims at t = 1 without weights, from x itself.
 
-    The value needs none of the per-entry limits of :func:`shifted`: x - max
-    is NaN only on a slice whose max is +inf, and that slice's logsumexp is
-    +inf whatever the rest, so it is set per slice on the result. Equal to
-    :func:`log_sum` over :func:`logits` on every input, with one pass fewer
-    over the slice (the logits are never stored).
+    The value needs none of the per-entry limits of :func:`shifted`. On a
+    slice whose max is +inf it is +inf, or NaN with a NaN in the slice:
+    shifting that slice by 0 instead of its max gives exactly that from the
+    sum itself (exp(+inf) = +inf; a NaN stays, even where a fused max would
+    have dropped it), as jax.nn.logsumexp does. Equal to :func:`log_sum` over
+    :func:`logits` on every input, with the logits never stored.
     """
     shift = slice_shift(axes, x, None, mask)
+    shift = jnp.where(shift == INF, 0.0, shift)
     x = upcast(x)
     if mask is not None:
         x = jnp.where(mask, x, -INF)
     s = reduce_sum(jnp.exp(x - shift), axes)
-    top = shift == INF
-    return jnp.where(top, INF, shift + jnp.log(s)), jnp.where(top, 1.0, jnp.sign(s))
+    return shift + jnp.log(s), jnp.sign(s)
 
 
 def entropy(z: jax.Array, axes, keepdims: bool = True) -> jax.Array:
