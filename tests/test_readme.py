@@ -13,6 +13,8 @@ def test_readme_has_examples():
     assert len(BLOCKS) >= 1
     assert 'pip install -e ".[test]" && pytest' in README
     assert README.index('pip install -e ".[demo]" && jsoftmax-train') < README.index("## Install")
+    # One screen to start: the rest of the material belongs in docs/.
+    assert README.count("\n") <= 150
 
 
 def test_readme_links_resolve():
