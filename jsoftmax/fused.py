@@ -41,6 +41,7 @@ from jsoftmax._checks import (
     weights_spec,
     widen_labels,
 )
+from jsoftmax._xla_cpu import per_chunk
 from jsoftmax.core import AxisName
 
 __all__ = ["fused_linear_cross_entropy"]
@@ -94,14 +95,6 @@ def _transposed_once(a):
     the chunk loop, costs half of that and no time per chunk.
     """
     return a.T if jnp.dtype(a.dtype).itemsize < 4 else None
-
-
-def _per_chunk(start, *xs):
-    """``xs`` tied to the chunk's ``start``, so that nothing computed from
-    them is hoisted out of the chunk loop or shared between chunks: XLA:CPU
-    would otherwise convert all of a 16-bit ``weight`` to float32 once
-    instead of each chunk's columns."""
-    return lax.optimization_barrier((jnp.asarray(start), xs))[1]
 
 
 def _shard_offset(axis_name, v_local):
@@ -234,7 +227,7 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask):
 
     def step(carry, start, size):
         m, rest, y_label, y_sum = carry
-        w_c, bias_c = _per_chunk(start, w, bias)
+        w_c, bias_c = per_chunk(start, w, bias)
         y = scaled(_soft_cap(_linear(h, w_c, bias_c, start, size), cap)[0])
         m_new = jnp.maximum(m, jnp.max(y, axis=1))
         shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -374,7 +367,7 @@ def _fused_bwd(chunk, axis_name, residuals, g):
         dh, dw, db, ty, tc = carry
         # h_t too: else, in a loop XLA unrolls, its transpose would be folded
         # into a 16-bit matmul that XLA:CPU cannot run.
-        w_c, bias_c, h_t_c = _per_chunk(start, w, bias, h_t)
+        w_c, bias_c, h_t_c = per_chunk(start, w, bias, h_t)
         z = _linear(h, w_c, bias_c, start, size)
         capped, th = _soft_cap(z, cap)
         y = capped if inv_t is None else capped * row_inv_t
