@@ -105,8 +105,8 @@ def test_vocab_parallel_across_processes(tmp_path):
     assert codes == [0] * NUM_PROCESSES, read_logs(tmp_path)
 
 
-# The digits configuration of tests/test_train.py's end-to-end runs.
-TINY_DIGITS = ["--epochs", "5", "--hidden", "32", "--quiet"]
+# The digits configuration of tests/test_train.py's end-to-end runs, shorter.
+TINY_DIGITS = ["--epochs", "2", "--hidden", "32", "--quiet"]
 
 
 @pytest.mark.slow

@@ -23,6 +23,9 @@ import jsoftmax
 from jsoftmax.calibration import mean_nll
 from jsoftmax_demo import train
 
+# One worker runs this file: its module fixtures (whole runs) are made once.
+pytestmark = pytest.mark.xdist_group("train")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "digits": ["--epochs", "5", "--hidden", "32"],
