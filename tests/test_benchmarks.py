@@ -14,7 +14,6 @@ import pytest
 
 from benchmarks import edge_cases, family, overhead, run
 
-
 # One worker runs this file: its module fixtures (whole runs) are made once.
 pytestmark = pytest.mark.xdist_group("benchmarks")
 
