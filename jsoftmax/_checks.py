@@ -80,6 +80,19 @@ def dtype_of(name: str, x: ArrayLike, arg: str = "x") -> jnp.dtype:
     return _facts_of(dtype)[0]
 
 
+def _real_out_dtype(name: str, x: ArrayLike, arg: str, allow_bool: bool) -> jnp.dtype:
+    """The dtype a real input ``x`` is computed and returned in; TypeError
+    for anything else. float64 without x64 enabled gives float32, quietly."""
+    dtype = dtype_of(name, x, arg)
+    _, real, out_dtype = _facts_of(dtype)
+    if not (real or (allow_bool and dtype == jnp.bool_)):
+        raise TypeError(
+            f"{name}: {arg} has dtype {dtype}, which is not a real number type; "
+            f"cast it first, e.g. {arg}.astype(jnp.float32)"
+        )
+    return out_dtype
+
+
 def as_real_array(
     name: str,
     x: ArrayLike,
@@ -96,14 +109,7 @@ def as_real_array(
     With ``keep_low_precision`` float16 and bfloat16 arrays are returned as
     they are, for a callee that calls :func:`upcast` itself.
     """
-    # float64 input without x64 enabled computes (and returns) float32, quietly.
-    dtype = dtype_of(name, x, arg)
-    _, real, out_dtype = _facts_of(dtype)
-    if not (real or (allow_bool and dtype == jnp.bool_)):
-        raise TypeError(
-            f"{name}: {arg} has dtype {dtype}, which is not a real number type; "
-            f"cast it first, e.g. {arg}.astype(jnp.float32)"
-        )
+    out_dtype = _real_out_dtype(name, x, arg, allow_bool)
     # A jax.Array is used as it is: jnp.asarray would cost a dispatch per call.
     arr = x if isinstance(x, jax.Array) else jnp.asarray(x)
     if arr.dtype != out_dtype:
@@ -126,14 +132,7 @@ def real_spec(
     """The checks of :func:`as_real_array` on static information only:
     ``(value, out_dtype)`` with ``value`` from :func:`host_array`, for
     :func:`cast_real` to convert inside the jitted computation."""
-    dtype = dtype_of(name, x, arg)
-    _, real, out_dtype = _facts_of(dtype)
-    if not (real or (allow_bool and dtype == jnp.bool_)):
-        raise TypeError(
-            f"{name}: {arg} has dtype {dtype}, which is not a real number type; "
-            f"cast it first, e.g. {arg}.astype(jnp.float32)"
-        )
-    return host_array(x), out_dtype
+    return host_array(x), _real_out_dtype(name, x, arg, allow_bool)
 
 
 def cast_real(x: ArrayLike, out_dtype, *, keep_low_precision: bool = False) -> jax.Array:

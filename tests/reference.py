@@ -48,11 +48,9 @@ def mp_entropy(row):
         return float(-mpmath.fsum(p * mpmath.log(p) for p in ps if p > 0))
 
 
-def segment_apply(fn, x, ids, num_segments, keep=None, t=None):
-    """Applies a row function ``fn(row, keep, t) -> row`` to each segment
-    and each trailing index of ``x`` ([E, ...]): the dense softmax of the
-    segment's entries (entries of other segments are simply not in the row).
-    ``t`` is None or an array broadcastable to [num_segments, ...]."""
+def _segment_inputs(x, ids, num_segments, keep, t):
+    """float64 ``x``, the ids, the keep mask of ``x``'s shape, the trailing
+    shape and the temperature per segment and trailing index."""
     x = np.asarray(x, np.float64)
     ids = np.asarray(ids)
     keep = np.ones(x.shape, bool) if keep is None else np.broadcast_to(keep, x.shape)
@@ -60,6 +58,15 @@ def segment_apply(fn, x, ids, num_segments, keep=None, t=None):
     temps = np.broadcast_to(
         np.ones(()) if t is None else np.asarray(t, np.float64), (num_segments, *trailing)
     )
+    return x, ids, keep, trailing, temps
+
+
+def segment_apply(fn, x, ids, num_segments, keep=None, t=None):
+    """Applies a row function ``fn(row, keep, t) -> row`` to each segment
+    and each trailing index of ``x`` ([E, ...]): the dense softmax of the
+    segment's entries (entries of other segments are simply not in the row).
+    ``t`` is None or an array broadcastable to [num_segments, ...]."""
+    x, ids, keep, trailing, temps = _segment_inputs(x, ids, num_segments, keep, t)
     out = np.full(x.shape, np.nan)
     for g in range(num_segments):
         members = ids == g
@@ -71,13 +78,7 @@ def segment_apply(fn, x, ids, num_segments, keep=None, t=None):
 
 def segment_logsumexp(x, ids, num_segments, keep=None, t=None):
     """t log sum exp(x / t) per segment and trailing index, -inf if empty."""
-    x = np.asarray(x, np.float64)
-    ids = np.asarray(ids)
-    keep = np.ones(x.shape, bool) if keep is None else np.broadcast_to(keep, x.shape)
-    trailing = x.shape[1:]
-    temps = np.broadcast_to(
-        np.ones(()) if t is None else np.asarray(t, np.float64), (num_segments, *trailing)
-    )
+    x, ids, keep, trailing, temps = _segment_inputs(x, ids, num_segments, keep, t)
     out = np.full((num_segments, *trailing), -INF)
     for g in range(num_segments):
         for idx in np.ndindex(*trailing):
