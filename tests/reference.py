@@ -234,3 +234,81 @@ def split_at_max(name, x):
     if name == "log_softmax":
         return x - m - log_total
     return (m + log_total)[:, 0]
+
+
+def fused_linear_cross_entropy(h, w, labels, g=None, *, bias=None, cap=None, t=1.0, alpha=0.0,
+                               z=0.0, mask=None, weights=None, reduction="none"):
+    """The fused loss of ``hidden @ weight`` on materialised float64 logits,
+    and the gradients of ``sum(g * loss)`` derived by hand.
+
+    Per example: logits L = h @ w + bias, capped C = cap * tanh(L / cap),
+    y = C / t, lse = logsumexp(y), smoothed labels q = (1 - alpha) onehot +
+    alpha / V, loss = -q . (y - lse) + z lse² (NaN with zero gradient for a
+    label outside [0, V), 0 where ``mask`` is False), times ``weights``;
+    ``reduction`` "sum" adds the examples and "mean" divides that by the
+    included examples' total weight (0 with zero gradients when it is 0).
+    Gradients: d loss / d y = (1 + 2 z lse) softmax(y) - q, d / d C = that / t,
+    d / d t = -(d loss / d y) . y / t, d C / d L = 1 - tanh²(L / cap), and
+    d C / d cap = tanh(L / cap) - (L / cap) (1 - tanh²(L / cap)).
+
+    Returns (loss, grads) with grads "hidden", "weight", "bias", "weights",
+    "cap" and "temperature" (one per example; sum them for a scalar t)."""
+    h = np.asarray(h, np.float64)
+    w = np.asarray(w, np.float64)
+    labels = np.asarray(labels)
+    n, v = h.shape[0], w.shape[1]
+    keep = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
+    wts = np.broadcast_to(np.asarray(1.0 if weights is None else weights, np.float64), (n,))
+    t = np.broadcast_to(np.asarray(t, np.float64), (n,))[:, None]
+    logits = h @ w + (0.0 if bias is None else np.asarray(bias, np.float64))
+    if cap:
+        capped = cap * np.tanh(logits / cap)
+    else:
+        capped = logits
+    y = capped / t
+    top = y.max(axis=1, keepdims=True)
+    lse = top + np.log(np.exp(y - top).sum(axis=1, keepdims=True))
+    probs = np.exp(y - lse)
+    valid = (labels >= 0) & (labels < v)
+    onehot = np.zeros((n, v))
+    onehot[np.flatnonzero(valid), labels[valid]] = 1.0
+    q = (1 - alpha) * onehot + alpha / v
+    per_example = -(q * (y - lse)).sum(axis=1) + z * lse[:, 0] ** 2
+    per_example[~valid] = np.nan
+    per_example[~keep] = 0.0
+    weighted = wts * per_example
+
+    if reduction == "none":
+        loss = weighted
+        cot = np.ones(n) if g is None else np.asarray(g, np.float64).copy()
+        d_weights = cot * per_example
+    else:
+        g = 1.0 if g is None else float(g)
+        total = weighted.sum()
+        if reduction == "sum":
+            loss = total
+            cot = np.full(n, g)
+            d_weights = cot * per_example
+        else:
+            count = (wts * keep).sum()
+            loss = 0.0 if count == 0 else total / count
+            cot = np.full(n, 0.0 if count == 0 else g / count)
+            d_weights = np.where(keep, cot * (per_example - loss), 0.0)
+    cot = np.where(keep & valid, cot * wts, 0.0)  # NaN loss, zero gradient
+    dy = cot[:, None] * ((1 + 2 * z * lse) * probs - q)
+    d_capped = dy / t
+    if cap:
+        u = np.tanh(logits / cap)
+        d_logits = d_capped * (1 - u**2)
+        d_cap = (d_capped * (u - logits / cap * (1 - u**2))).sum()
+    else:
+        d_logits, d_cap = d_capped, 0.0
+    grads = {
+        "hidden": d_logits @ w.T,
+        "weight": np.where((keep & valid)[:, None], h, 0.0).T @ d_logits,
+        "bias": d_logits.sum(axis=0),
+        "weights": d_weights,
+        "cap": d_cap,
+        "temperature": -(dy * y).sum(axis=1) / t[:, 0],
+    }
+    return loss, grads
