@@ -2,6 +2,7 @@
 public name, and the Python examples on its pages run (the shard_map one needs
 4 devices and runs in tests/multidevice instead)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -36,12 +37,14 @@ def test_page_examples_run_in_order(page):
 
 
 @pytest.mark.slow
-def test_site_builds_without_warnings(tmp_path):
+def test_site_builds_without_warnings(tmp_path, edge_tables):
     out = tmp_path / "html"
+    # The edge tables this run's tests compute (by the functions a plain build runs).
+    env = dict(os.environ, JSOFTMAX_DOCS_EDGE_TABLES=str(edge_tables.markdown_directory()))
     result = subprocess.run(
         [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html",
          "-d", str(tmp_path / "doctrees"), str(DOCS), str(out)],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "WARNING" not in result.stderr, result.stderr[-6000:]

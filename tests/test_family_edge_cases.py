@@ -4,8 +4,8 @@ by benchmarks/family_edge_cases.py; this keeps it from going stale."""
 from benchmarks import family_edge_cases
 
 
-def test_family_edge_case_table_runs_and_agrees():
-    rows = family_edge_cases.edge_case_table()
+def test_family_edge_case_table_runs_and_agrees(edge_tables):
+    rows = edge_tables.rows("family_edge_cases")  # edge_case_table(), once per test run
     assert family_edge_cases.format_table(rows).count("\n") == len(rows) + 1
     ours = {row["case"]: (row["jsoftmax value"], row["jsoftmax grad"]) for row in rows}
     assert ours == {

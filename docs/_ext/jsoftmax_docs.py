@@ -4,7 +4,10 @@ Before Sphinx reads any page, this writes into docs/_generated/:
 
 * the three edge tables, by the same functions the tests run
   (benchmarks/edge_cases.py, loss_edge_cases.py, family_edge_cases.py), so
-  the published tables are what the installed jsoftmax returns today;
+  the published tables are what the installed jsoftmax returns today. When
+  ``JSOFTMAX_DOCS_EDGE_TABLES`` names a directory, the tables are read from
+  its ``<script>.md`` files instead (tests/test_docs.py passes the ones the
+  test run computed with those functions);
 * copies of notebooks/*.ipynb, because Sphinx reads sources only under docs/.
 
 After reading, it warns (an error under -W) if a public name in
@@ -13,6 +16,7 @@ After reading, it warns (an error under -W) if a public name in
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sphinx.util import logging
@@ -33,15 +37,28 @@ def _write(path: Path, text: str) -> None:
         path.write_text(text)
 
 
+def _computed_tables() -> tuple[str, str, str]:
+    from benchmarks import edge_cases, family_edge_cases, loss_edge_cases
+
+    return (
+        edge_cases.to_markdown(edge_cases.run_edge_cases()),
+        loss_edge_cases.format_table(loss_edge_cases.edge_case_table()),
+        family_edge_cases.format_table(family_edge_cases.edge_case_table()),
+    )
+
+
 def _edge_tables() -> dict[str, str]:
     import jax
     import optax
 
-    from benchmarks import edge_cases, family_edge_cases, loss_edge_cases
-
-    core = edge_cases.to_markdown(edge_cases.run_edge_cases())
-    losses = loss_edge_cases.format_table(loss_edge_cases.edge_case_table())
-    family = family_edge_cases.format_table(family_edge_cases.edge_case_table())
+    precomputed = os.environ.get("JSOFTMAX_DOCS_EDGE_TABLES")
+    if precomputed:
+        core, losses, family = (
+            (Path(precomputed) / f"{name}.md").read_text()
+            for name in ("edge_cases", "loss_edge_cases", "family_edge_cases")
+        )
+    else:
+        core, losses, family = _computed_tables()
     versions = f"jax {jax.__version__}, optax {optax.__version__}, jsoftmax {jsoftmax.__version__}"
     return {
         "edge_cases.md": core + "\n",
