@@ -7,7 +7,9 @@ the wheel into a fresh virtual environment.
 """
 
 import ast
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +62,24 @@ def test_library_imports_only_jax_numpy_and_the_standard_library():
     allowed = set(sys.stdlib_module_names) | {"jax", "numpy", "jsoftmax"}
     for path in sorted(LIBRARY.glob("*.py")):
         assert _imported_top_level(path) <= allowed, path.name
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The numeric release of a version string: "0.7.2rc1" -> (0, 7, 2)."""
+    return tuple(int(part) for part in re.match(r"\d+(?:\.\d+)*", version).group().split("."))
+
+
+def test_installed_jax_meets_the_declared_floor():
+    # docs/tests.md runs the suite on the floor itself; this keeps every other
+    # environment at or above it, and the floor stated once, without a cap.
+    text = (ROOT / "pyproject.toml").read_text()
+    deps = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+    jax_specs = re.findall(r'"jax([^"]*)"', deps)
+    assert len(jax_specs) == 1, jax_specs
+    floor = re.fullmatch(r">=([\d.]+)", jax_specs[0])
+    assert floor, f"jax{jax_specs[0]}: give one lower bound, no upper pin"
+    assert _release(importlib.metadata.version("jax")) >= _release(floor.group(1))
+    assert _release(importlib.metadata.version("jaxlib")) >= _release(floor.group(1))
 
 
 def test_import_jsoftmax_without_optax():
