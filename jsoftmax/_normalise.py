@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from jsoftmax import _xla_cpu
 from jsoftmax._checks import upcast, widen_labels
 
 __all__ = [
@@ -49,10 +50,12 @@ __all__ = [
     "log_probabilities",
     "log_sum",
     "logits",
+    "mean_logit",
     "normaliser",
     "probabilities",
     "reduce_max",
     "reduce_sum",
+    "reduce_sums",
     "reduction",
     "safe_normaliser",
     "shifted",
@@ -185,6 +188,18 @@ def reduce_sum(v: jax.Array, axes, keepdims: bool = True) -> jax.Array:
     return out if name is None else lax.psum(out, name)
 
 
+def reduce_sums(values, axes, keepdims: bool = True) -> tuple[jax.Array, ...]:
+    """:func:`reduce_sum` of each of ``values`` (of one shape), in one pass
+    over the slices where the backend needs that (``jsoftmax._xla_cpu.sums``)."""
+    if isinstance(axes, Segments):
+        return tuple(reduce_sum(v, axes, keepdims) for v in values)
+    out = _xla_cpu.sums(tuple(values), tuple(axes))
+    if not keepdims:
+        out = tuple(jnp.squeeze(o, tuple(axes)) for o in out)
+    name = _axis_name(axes)
+    return out if name is None else lax.psum(out, name)
+
+
 def reduce_max(v: jax.Array, axes, keepdims: bool = True) -> jax.Array:
     """Max over ``axes`` (-inf for an empty slice), across shards too."""
     if isinstance(axes, Segments):
@@ -244,17 +259,21 @@ def logits(axes, x: jax.Array, t: jax.Array | None = None, mask=None):
 
 class Normaliser(NamedTuple):
     """s = sum(exp(z)) per slice (keepdims), ``log_s`` = log s with 0 for a
-    slice with nothing included, and ``q`` = 1 - 1/s to full accuracy, or
-    None. s is 0 for a slice with nothing included, +inf for one whose max is
-    +inf and NaN for one with a NaN."""
+    slice with nothing included, ``q`` = 1 - 1/s to full accuracy or None,
+    and ``mean_z`` = sum(p z) over the included entries (see
+    :func:`mean_logit`) when asked for, else None. s is 0 for a slice with
+    nothing included, +inf for one whose max is +inf and NaN for one with a
+    NaN."""
 
     s: jax.Array
     log_s: jax.Array
     q: jax.Array | None
+    mean_z: jax.Array | None = None
 
 
-def normaliser(z: jax.Array, axes) -> Normaliser:
-    """The :class:`Normaliser` of logits z.
+def normaliser(z: jax.Array, axes, mean_z: bool = False) -> Normaliser:
+    """The :class:`Normaliser` of logits z, with ``mean_z`` from the same pass
+    over z when asked for (a derivative in t needs it).
 
     In float64 log s and q are split at the maxima (:func:`accurate_log_normaliser`),
     which keeps the top entry of log_softmax and its gradient component
@@ -262,11 +281,17 @@ def normaliser(z: jax.Array, axes) -> Normaliser:
     float32 and below that costs a second pass over the slice, so they take
     jax.nn's single sum.
     """
-    s = reduce_sum(jnp.exp(z), axes)
-    if z.dtype != jnp.float64:
-        return Normaliser(s, jnp.log(safe_normaliser(s)), None)
-    log_s, q = accurate_log_normaliser(z, axes)
-    return Normaliser(s, log_s, q)
+    finite_z = (jnp.where(z == -INF, 0.0, z),) if mean_z else ()
+    if z.dtype == jnp.float64:
+        top, below, *ez = _split_sums(z, axes, True, *finite_z)
+        log_s, q = _split_log_normaliser(top, below)
+        s = top + below
+    else:
+        e = jnp.exp(z)
+        s, *ez = reduce_sums((e, *(e * w for w in finite_z)), axes)
+        log_s, q = jnp.log(safe_normaliser(s)), None
+    mean = ez[0] / safe_normaliser(s) if mean_z else None
+    return Normaliser(s, log_s, q, mean)
 
 
 def log_probabilities(z: jax.Array, log_s: jax.Array) -> jax.Array:
@@ -299,11 +324,20 @@ def accurate_log_normaliser(
     entropy term of d lse / dt and the top entry's gradient of log_softmax
     (jax-ml/jax#40384). An empty slice gives (0, 0).
     """
+    return _split_log_normaliser(*_split_sums(z, axes, keepdims))
+
+
+def _split_sums(z, axes, keepdims, *weights):
+    """``(top, below, *sums)``: sum(exp(z)) at the maxima (z = 0), below them,
+    and sum(exp(z) w) for each of ``weights``, in one pass."""
     at_top = z == 0
     e = jnp.exp(z)
     # exp(z) rather than 1 at the top: the same value, with z's derivative.
-    top = reduce_sum(jnp.where(at_top, e, 0.0), axes, keepdims)
-    below = reduce_sum(jnp.where(at_top, 0.0, e), axes, keepdims)
+    terms = (jnp.where(at_top, e, 0.0), jnp.where(at_top, 0.0, e), *(e * w for w in weights))
+    return reduce_sums(terms, axes, keepdims)
+
+
+def _split_log_normaliser(top, below, *_):
     safe_top = jnp.where(top == 0, 1.0, top)
     log_s = jnp.where(top == 0, 0.0, jnp.log(safe_top) + jnp.log1p(below / safe_top))
     # q = (s - k) / s with k the count at the top: below / s in value, and
@@ -351,13 +385,19 @@ def entropy(z: jax.Array, axes, keepdims: bool = True) -> jax.Array:
     confident slice is mostly the part of log s below an ulp of 1. Excluded
     entries (z = -inf, p = 0) contribute 0 and a slice with nothing included
     has entropy 0; k entries at z = 0 and nothing else give log k."""
-    log_s, _ = accurate_log_normaliser(z, axes, keepdims)
-    e = jnp.exp(z)
-    s = reduce_sum(e, axes, keepdims)
     # A product with 0 at z = -inf, not a select after it (whose cotangent
     # would meet 0 * -inf).
-    mean_z = reduce_sum(e * jnp.where(z == -INF, 0.0, z), axes, keepdims) / safe_normaliser(s)
-    return jnp.where(s == 0, 0.0, log_s - mean_z)
+    sums = _split_sums(z, axes, keepdims, jnp.where(z == -INF, 0.0, z))
+    log_s, _ = _split_log_normaliser(*sums)
+    s = sums[0] + sums[1]
+    return jnp.where(s == 0, 0.0, log_s - sums[2] / safe_normaliser(s))
+
+
+def mean_logit(z: jax.Array, axes) -> jax.Array:
+    """sum(p z) with p = softmax(z) over the included entries (keepdims; 0 for
+    a slice with nothing included): the part of a derivative in t that the
+    softmax weights."""
+    return normaliser(z, axes, mean_z=True).mean_z
 
 
 def inverse_temperature(t: jax.Array) -> jax.Array:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["per_chunk"]
+__all__ = ["per_chunk", "sums"]
 
 
 def per_chunk(start: jax.Array, *xs: jax.Array) -> tuple[jax.Array, ...]:
@@ -33,3 +33,31 @@ def per_chunk(start: jax.Array, *xs: jax.Array) -> tuple[jax.Array, ...]:
         return xs
 
     return lax.platform_dependent(start, *xs, cpu=tied, default=untouched)
+
+
+def sums(values: tuple[jax.Array, ...], axes: tuple[int, ...]) -> tuple[jax.Array, ...]:
+    """The sums of ``values`` (one shape) over ``axes``, keepdims, in one pass on XLA:CPU.
+
+    XLA:CPU hands a sum to a YNNPACK fusion that takes neither compares nor
+    selects, and it stores an elementwise producer that feeds more than one
+    sum: an input-sized buffer per sum where a derivative needs the entropy
+    of the logits (their masked product with exp). One variadic reduction is
+    fused by XLA itself, producers and all. Elsewhere, one sum each.
+    """
+    axes = tuple(axes)
+
+    def variadic(*values):
+        zeros = tuple(jnp.zeros((), v.dtype) for v in values)
+        out = lax.reduce(values, zeros, _add, axes)
+        return tuple(jnp.expand_dims(o, axes) for o in out)
+
+    def separate(*values):
+        return tuple(jnp.sum(v, axis=axes, keepdims=True) for v in values)
+
+    if len(values) == 1:
+        return separate(*values)
+    return lax.platform_dependent(*values, cpu=variadic, default=separate)
+
+
+def _add(a, b):
+    return tuple(x + y for x, y in zip(a, b, strict=True))

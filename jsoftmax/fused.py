@@ -375,8 +375,8 @@ def _fused_bwd(chunk, axis_name, residuals, g):
         cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
         dy = a * p - jnp.where(cols == labels[:, None], b, 0.0) - e
         if inv_t is not None:
-            ty = ty + jnp.sum(dy * y, axis=1)
             dy = dy * row_inv_t
+            ty = ty + jnp.sum(dy * y, axis=1)
         if cap is not None:
             # Through the cap: d capped / d z = 1 - tanh(z / c)**2.
             slope, d_cap = _soft_cap_grads(z, th, cap)
@@ -404,8 +404,9 @@ def _fused_bwd(chunk, axis_name, residuals, g):
     dh = _psum(dh, axis_name)
     dt = None
     if t is not None:
-        # y = z / t, so d loss / d t = -(1 / t) * sum_j (d loss / d y_j) y_j.
-        dt_rows = -_psum(ty, axis_name) * inv_t.reshape(-1)
+        # y = z / t, so d loss / d t = -sum_j (d loss / d y_j) y_j / t (ty
+        # holds the sum with the 1 / t folded in).
+        dt_rows = -_psum(ty, axis_name)
         dt = jnp.sum(dt_rows) if t.ndim == 0 else dt_rows.reshape(t.shape)
         dt = dt.astype(t.dtype)
     d_cap = None if cap is None else jnp.sum(_psum(tc, axis_name)).astype(cap.dtype)

@@ -128,11 +128,12 @@ def _dense_terms(x, labels, t, mask, shift, norm):
     return probs, surprisal, kept
 
 
-def _dense_parts(axes, x, labels, t, mask):
+def _dense_parts(axes, x, labels, t, mask, mean_z=False):
     """``(loss, shift, norm)``: sum_j l_j (log s - z_j) over the kept
-    classes, with the slice's shift and normaliser."""
+    classes, with the slice's shift and normaliser (and ``norm.mean_z``
+    when asked for)."""
     shift = nz.slice_shift(axes, x, t, mask)
-    norm = nz.normaliser(nz.shifted(x, shift, t, mask), axes)
+    norm = nz.normaliser(nz.shifted(x, shift, t, mask), axes, mean_z)
     _, surprisal, kept = _dense_terms(x, labels, t, mask, shift, norm)
     terms = jnp.where(kept == 0, 0.0, kept * surprisal)
     loss = nz.reduce_sum(terms, axes, keepdims=False)
@@ -148,14 +149,14 @@ def _dense_cross_entropy(axes, x, labels, t, mask):
     return _dense_parts(axes, x, labels, t, mask)[0]
 
 
-def _dense_tangent(axes, x, labels, t, mask, shift, norm, dx, dlabels, dt):
-    """sum_j (L p_j - l_j) dz_j + sum_j (log s - z_j) dl_j over the included
-    classes (L the kept label mass), from x and the per-slice shift and
-    normaliser (checkpointed by the caller: no residual of x's shape)."""
+def _dense_tangent(axes, x, labels, t, mask, shift, norm, dx, dlabels):
+    """sum_j (L p_j - l_j) dx_j / t + sum_j (log s - z_j) dl_j over the
+    included classes (L the kept label mass), from x and the per-slice shift
+    and normaliser (checkpointed by the caller: no residual of x's shape)."""
     probs, surprisal, kept = _dense_terms(x, labels, t, mask, shift, norm)
     included = surprisal != INF
     out = jnp.zeros(norm.s.shape, norm.s.dtype)
-    dz = nz.tangent_logits(nz.shifted(x, shift, t, mask), t, dx, dt)
+    dz = nz.tangent_logits(nz.shifted(x, shift, t, mask), t, dx, None)
     if dz is not None:
         mass = nz.reduce_sum(kept, axes)
         out = out + nz.reduce_sum(jnp.where(included, mass * probs - kept, 0.0) * dz, axes)
@@ -165,6 +166,20 @@ def _dense_tangent(axes, x, labels, t, mask, shift, norm, dx, dlabels, dt):
     return jnp.squeeze(out, tuple(axes))
 
 
+def _dense_dt(axes, labels, t, mask, norm, loss):
+    """d loss / dt = -sum_j (L p_j - l_j) z_j / t where the loss is finite,
+    with sum_j l_j z_j = L log s - loss: one number per example (keepdims),
+    computed in the forward pass (reverse mode in t keeps nothing of the
+    logits' shape)."""
+    kept = labels if mask is None else jnp.where(mask, labels, 0.0)
+    mass = nz.reduce_sum(kept, axes)
+    infinite = jnp.expand_dims(jnp.isinf(loss), tuple(axes))
+    label_z = mass * norm.log_s - jnp.where(infinite, 0.0, jnp.expand_dims(loss, tuple(axes)))
+    dt = -(mass * norm.mean_z - label_z) * nz.inverse_temperature(t)
+    # An infinite loss is a constant: its coefficient is 0, not inf or NaN.
+    return jnp.where(infinite, 0.0, dt)
+
+
 @partial(_dense_cross_entropy.defjvp, symbolic_zeros=True)
 def _dense_cross_entropy_jvp(axes, primals, tangents):
     """The derivative of :func:`_dense_tangent`; the derivative in a label on
@@ -172,11 +187,14 @@ def _dense_cross_entropy_jvp(axes, primals, tangents):
     constant."""
     x, labels, t, mask = primals
     dx, dlabels, dt = (nz.tangent_value(v) for v in tangents[:3])
-    loss, shift, norm = _dense_parts(axes, x, labels, t, mask)
-    if dx is None and dlabels is None and dt is None:
-        return loss, jnp.zeros_like(loss)
-    tangent = jax.checkpoint(partial(_dense_tangent, axes), prevent_cse=False)
-    out = tangent(x, labels, t, mask, shift, norm, dx, dlabels, dt)
+    loss, shift, norm = _dense_parts(axes, x, labels, t, mask, mean_z=dt is not None)
+    out = jnp.zeros_like(loss)
+    if dx is not None or dlabels is not None:
+        tangent = jax.checkpoint(partial(_dense_tangent, axes), prevent_cse=False)
+        out = out + tangent(x, labels, t, mask, shift, norm, dx, dlabels)
+    if dt is not None:
+        coefficient = _dense_dt(axes, labels, t, mask, norm, loss)
+        out = out + jnp.squeeze(coefficient * dt, tuple(axes))
     # 0 * out keeps a NaN of the example NaN.
     return loss, jnp.where(jnp.isinf(loss), 0.0 * out, out)
 
@@ -319,8 +337,9 @@ def _kept_weights(axes, shape, mask):
     return jnp.where(mask, 1.0 / nz.safe_normaliser(count), 0.0)
 
 
-def _integer_parts(axes, x, labels, t, mask, alpha):
-    """``(loss, x_y, valid, shift, norm, cross_entropy, smooth)``.
+def _integer_parts(axes, x, labels, t, mask, alpha, mean_z=False):
+    """``(loss, x_y, z_y, valid, shift, norm, cross_entropy, smooth)``, with
+    ``norm.mean_z`` when asked for.
 
     z_y is the label's logit by the same rule as every other logit
     (``_normalise.shifted`` of the gathered entry), so log s - z_y is exact
@@ -331,7 +350,7 @@ def _integer_parts(axes, x, labels, t, mask, alpha):
     index = jnp.where(here, local, 0)[..., None]
     shift = nz.slice_shift(axes, x, t, mask)
     z = nz.shifted(x, shift, t, mask)
-    norm = nz.normaliser(z, axes)
+    norm = nz.normaliser(z, axes, mean_z)
     x_y = jnp.take_along_axis(x, index, axis=-1)
     mask_y = None if mask is None else jnp.take_along_axis(mask, index, axis=-1)
     z_y = nz.shifted(x_y, shift, t, mask_y)
@@ -357,7 +376,7 @@ def _integer_parts(axes, x, labels, t, mask, alpha):
             alpha == 0, 0.0, alpha * smooth
         )
     loss = jnp.where(norm.s == 0, 0.0, jnp.where(valid, loss, jnp.nan))
-    return loss, x_y, valid, shift, norm, cross_entropy, smooth
+    return loss, x_y, z_y, valid, shift, norm, cross_entropy, smooth
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -368,15 +387,25 @@ def _integer_cross_entropy(axes, x, labels, t, mask, alpha):
     return _integer_parts(axes, x, labels, t, mask, alpha)[0]
 
 
-def _integer_tangent(axes, x, labels, t, mask, alpha, shift, s, dx, dt):
-    """sum_j (p_j - w_j) dz_j over the included classes, from x and the
+def _integer_tangent(axes, x, labels, t, mask, alpha, shift, s, dx):
+    """sum_j (p_j - w_j) dx_j / t over the included classes, from x and the
     per-example shift and normaliser (checkpointed by the caller,
     so reverse mode keeps no array of the logits' shape)."""
     z = nz.shifted(x, shift, t, mask)
     probs = nz.probabilities(z, s)
-    dz = nz.tangent_logits(z, t, dx, dt)
+    dz = nz.tangent_logits(z, t, dx, None)
     coefficient = jnp.where(z == -INF, 0.0, probs - _target(axes, x, labels, mask, alpha))
     return nz.reduce_sum(coefficient * dz, axes)
+
+
+def _integer_dt(t, alpha, norm, z_y, smooth):
+    """d loss / dt = -sum_j (p_j - w_j) z_j / t, where the loss is finite:
+    sum_j w_j z_j is the label's logit, or with smoothing (1 - a) z_y plus a
+    times the kept classes' mean logit (log s - smooth). One number per
+    example, computed in the forward pass."""
+    z_y = jnp.where(jnp.isfinite(z_y), z_y, 0.0)
+    target = z_y if alpha is None else (1.0 - alpha) * z_y + alpha * (norm.log_s - smooth)
+    return -(norm.mean_z - target) * nz.inverse_temperature(t)
 
 
 @partial(_integer_cross_entropy.defjvp, symbolic_zeros=True)
@@ -385,13 +414,19 @@ def _integer_cross_entropy_jvp(axes, primals, tangents):
     and d loss / da = smooth - CE; 0 where the loss is a constant limit."""
     x, labels, t, mask, alpha = primals
     dx, _, dt, _, dalpha = (nz.tangent_value(v) for v in tangents)
-    loss, x_y, valid, shift, norm, cross_entropy, smooth = _integer_parts(
-        axes, x, labels, t, mask, alpha
+    loss, x_y, z_y, valid, shift, norm, cross_entropy, smooth = _integer_parts(
+        axes, x, labels, t, mask, alpha, mean_z=dt is not None
     )
     out = jnp.zeros_like(loss)
-    if dx is not None or dt is not None:
+    if dx is not None:
         tangent = jax.checkpoint(partial(_integer_tangent, axes), prevent_cse=False)
-        out = out + tangent(x, labels, t, mask, alpha, shift, norm.s, dx, dt)
+        out = out + tangent(x, labels, t, mask, alpha, shift, norm.s, dx)
+    if dt is not None:
+        # The coefficient of dt is a number per example, so that reverse mode
+        # with respect to t keeps nothing of the logits' shape.
+        # An infinite loss is a constant (its coefficient 0, not inf).
+        coefficient = _integer_dt(t, alpha, norm, z_y, smooth)
+        out = out + jnp.where(jnp.isinf(loss), 0.0, coefficient) * dt
     if dalpha is not None:
         out = out + jnp.where(norm.s == 0, 0.0, smooth - cross_entropy) * dalpha
     # The loss is a constant where it is infinite, where the label's logit is

@@ -633,6 +633,28 @@ def _step_temp_bytes(n, d, v, dtype, loss_fn):
     return step.lower(h, w, labels).compile().memory_analysis().temp_size_in_bytes
 
 
+def test_learned_temperature_keeps_no_logits_sized_temporary():
+    # d loss / dt is summed per example inside the backward chunk loop, from
+    # the chunk's scaled cotangent: the temperature adds at most a chunk-free
+    # margin to what the gradients of hidden and weight alone keep, far below
+    # one [n, v] array (and below one [n, chunk] one).
+    n, d, v = 512, 256, 8192
+    h = jax.ShapeDtypeStruct((n, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+    t = jax.ShapeDtypeStruct((n,), jnp.float32)
+    labels = jax.ShapeDtypeStruct((n,), jnp.int32)
+    loss = lambda h, w, t, y: fused_linear_cross_entropy(h, w, y, temperature=t).mean()
+
+    def temp(argnums):
+        step = jax.jit(jax.grad(loss, argnums))
+        return step.lower(h, w, t, labels).compile().memory_analysis().temp_size_in_bytes
+
+    logits_only = temp((0, 1))
+    for argnums in (2, (0, 1, 2)):
+        got = temp(argnums)
+        assert got <= logits_only + n * 256, (argnums, got, logits_only)
+
+
 def test_bfloat16_keeps_no_float32_copy_of_the_operands():
     """bfloat16 temporaries are float32's plus two buffers only: the float32
     accumulator of hidden's gradient (which float32 keeps in its output) and

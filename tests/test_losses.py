@@ -245,20 +245,23 @@ def test_integer_fast_path_hessians_match_the_closed_form(x64, x, y):
                 atol=1e-6, rtol=1e-6)
 
 
-def test_dense_fast_path_gradients_match_the_general_path():
-    # where=all True takes the general (select-based) path: an independent
-    # implementation of the same gradients, in the logits and in the labels.
-    x, onehot = _dense_edge_batch()
-    full = np.ones(x.shape, bool)
-
-    def grads(**kw):
-        g = jax.grad(lambda x, y: jnp.sum(dense_ce(x, y, **kw)), (0, 1))(x, onehot)
-        return [np.asarray(v) for v in g]
-
-    fast, general = grads(), grads(where=full)
-    for a, b in zip(fast, general, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    assert np.isfinite(fast[0][[4, 5, 6, 10, 11]]).all()
+def test_dense_gradients_by_hand():
+    # d/dx = L softmax(x) - y with L = sum(y), and d/dy = -log_softmax(x);
+    # both 0 on a class of probability 0 (the -inf logit, label 0 there).
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 6))
+    x[1, 2] = -INF
+    y = rng.dirichlet(np.ones(6), size=4) * np.array([[1.0], [0.5], [2.0], [1.0]])
+    y[1, 2] = 0.0
+    gx, gy = jax.grad(lambda x, y: jnp.sum(dense_ce(x, y)), (0, 1))(
+        jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+    e = np.exp(x - x.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    want_x = y.sum(-1, keepdims=True) * p - y
+    want_y = np.where(np.isinf(x), 0.0, -(np.log(p, where=p > 0, out=np.zeros_like(p))))
+    np.testing.assert_allclose(gx, want_x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gy, want_y, rtol=1e-5, atol=1e-6)
+    assert gx[1, 2] == 0 and gy[1, 2] == 0
 
 
 def test_dense_fast_path_second_derivatives(x64):
@@ -276,18 +279,26 @@ def test_dense_fast_path_second_derivatives(x64):
     ([[2.0], [0.5]], [[1.0], [0.7]]),
     ([[0.0, -40.0, -50.0], [1.0, 2.0, -45.0]], [[1.0, 0.0, 0.0], [0.3, 0.7, 0.0]]),
 ])
-def test_dense_fast_path_hessians_match_the_general_path(x64, x, y):
+def test_dense_hessians_by_hand(x64, x, y):
+    # Per row, with p = softmax(x) and L = sum(y): d2/dx2 = L (diag p - p p^T)
+    # and d/dy_j d/dx_i = p_i - [i == j]; rows are independent.
     x, y = np.asarray(x), np.asarray(y)
-    full = np.ones(x.shape, bool)
-
-    def hessians(**kw):
-        loss = lambda x, y: jnp.sum(dense_ce(x, y, **kw))
-        return [np.asarray(h) for h in (
-            jax.hessian(loss)(x, y), jax.jacfwd(jax.grad(loss, 1), 0)(x, y),
-            jax.jacrev(jax.grad(loss, 0), 1)(x, y))]
-
-    for a, b in zip(hessians(), hessians(where=full), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    n, k = x.shape
+    e = np.exp(x - x.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    want_xx = np.zeros((n, k, n, k))
+    want_xy = np.zeros((n, k, n, k))
+    for r in range(n):
+        want_xx[r, :, r, :] = y[r].sum() * (np.diag(p[r]) - np.outer(p[r], p[r]))
+        want_xy[r, :, r, :] = p[r][:, None] - np.eye(k)  # [i, j]: d/dy_j of d/dx_i
+    loss = lambda x, y: jnp.sum(dense_ce(x, y))
+    np.testing.assert_allclose(jax.hessian(loss)(x, y), want_xx, rtol=1e-9, atol=1e-12)
+    # jacfwd(grad in y) over x: [r, j, r, i] = d/dx_i of d/dy_j.
+    np.testing.assert_allclose(
+        jax.jacfwd(jax.grad(loss, 1), 0)(x, y), want_xy.transpose(0, 3, 2, 1),
+        rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        jax.jacrev(jax.grad(loss, 0), 1)(x, y), want_xy, rtol=1e-9, atol=1e-12)
 
 
 def test_dense_fast_path_small_losses_are_accurate_to_an_ulp_of_one():
@@ -359,6 +370,31 @@ def test_gradients_in_logits_and_temperature(x64, alpha):
             lambda x, t, f=f, y=y: f(x, y, where=mask, temperature=t, label_smoothing=alpha),
             (x, t), order=1, modes=["rev"], atol=1e-6, rtol=1e-6,
         )
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2])
+@pytest.mark.parametrize("loss", ["integer", "dense"])
+def test_second_order_in_logits_and_temperature(x64, loss, alpha):
+    # The coefficient of dt is computed in the forward pass; its own
+    # derivatives (second order in t, and mixed) go through it.
+    # The losses stay finite (check_grads differentiates numerically): the
+    # -inf class has no label weight, and smoothing skips the masked class.
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(4, 5))
+    x[1, 2] = -INF
+    labels = np.array([0, 3, 1, 4])
+    mask = np.ones((4, 5), bool)
+    mask[2, 0] = False
+    if alpha:
+        mask[1, 2] = False
+    t = np.array([0.7, 1.3, 2.0, 0.9])
+    soft = np.eye(5)[labels] * 0.8 + 0.05
+    soft[1, 2] = 0.0
+    f, y = (integer_ce, labels) if loss == "integer" else (dense_ce, soft)
+    check_grads(
+        lambda x, t: f(x, y, where=mask, temperature=t, label_smoothing=alpha),
+        (x, t), order=2, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("kw", [{}, {"temperature": 0.5}, {"label_smoothing": 0.1},
@@ -570,6 +606,31 @@ def test_integer_loss_temporary_memory_no_larger_than_optax():
     assert _temp_bytes(integer_ce, n, v, temperature=0.7) < n * v * 4 // 8
 
 
+def _grad_temp_bytes(loss, n, v, argnums, **kwargs):
+    x = jax.ShapeDtypeStruct((n, v), jnp.float32)
+    t = jax.ShapeDtypeStruct((n,), jnp.float32)
+    step = jax.jit(jax.grad(lambda x, t: jnp.mean(loss(x, t, **kwargs)), argnums))
+    return step.lower(x, t).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("loss", ["integer", "dense"])
+def test_learned_temperature_keeps_no_logits_sized_temporary(loss):
+    # Differentiating in t (alone or with the logits) keeps what differentiating
+    # in the logits alone keeps, up to a few per-example vectors: the
+    # coefficient of dt is one number per example, computed in the forward pass.
+    n, v = 512, 8192
+    labels = jnp.zeros((n,), jnp.int32)
+    if loss == "integer":
+        f = lambda x, t: integer_ce(x, labels, temperature=t)
+    else:
+        probs = jnp.full((n, v), 1.0 / v)
+        f = lambda x, t: dense_ce(x, probs, temperature=t)
+    logits_only = _grad_temp_bytes(f, n, v, 0)
+    for argnums in (1, (0, 1)):
+        got = _grad_temp_bytes(f, n, v, argnums)
+        assert got <= logits_only + 8 * n * 4, (argnums, got, logits_only)
+
+
 @pytest.mark.xfail(
     jax.default_backend() == "cpu", strict=True,
     reason="with smoothing the logits feed two reductions, and with the +inf select in "
@@ -602,7 +663,7 @@ def test_low_precision_integer_loss_keeps_no_float32_copy():
 
 
 def test_public_exports():
-    assert jsoftmax.softmax_cross_entropy is softmax_cross_entropy
+    assert softmax_cross_entropy is jsoftmax.losses.softmax_cross_entropy
     assert "softmax_cross_entropy_with_integer_labels" in jsoftmax.__all__
 
 
