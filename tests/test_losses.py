@@ -119,7 +119,7 @@ def test_low_precision_loss_gradients_are_rounded_once(dtype):
 
 
 @pytest.mark.parametrize("label_dtype", [np.uint8, np.int8, np.int16])
-@pytest.mark.parametrize("kw", [{}, {"temperature": 0.5}], ids=["fast", "general"])
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.5}], ids=["plain", "tempered"])
 def test_narrow_label_dtypes_with_more_classes_than_they_hold(label_dtype, kw):
     # 300 classes and uint8 / int8 labels: comparing the labels with the class
     # count in their own dtype wrapped 300 to 44 (uint8) and gave NaN.
@@ -144,7 +144,7 @@ def test_narrow_label_dtypes_with_more_classes_than_they_hold(label_dtype, kw):
     np.testing.assert_allclose(np.asarray(fused), want, rtol=1e-5)
 
 
-def test_integer_fast_path_nan_rows_are_nan_in_forward_mode_too():
+def test_integer_plain_nan_rows_are_nan_in_forward_mode_too():
     # A NaN in the example makes its derivative NaN also when the label's own
     # logit is a limit (-inf, +inf) or the label is out of range; forward
     # mode once zeroed those while reverse mode gave NaN.
@@ -162,7 +162,7 @@ def test_integer_fast_path_nan_rows_are_nan_in_forward_mode_too():
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (4, 0, 5)])
-@pytest.mark.parametrize("kw", [{}, {"temperature": 0.5}], ids=["fast", "general"])
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.5}], ids=["plain", "tempered"])
 def test_integer_labels_empty_batch(shape, kw):
     # An empty batch gives an empty loss and a zero gradient (classes_last's
     # reshape to (..., -1) once raised for it).
@@ -173,7 +173,7 @@ def test_integer_labels_empty_batch(shape, kw):
     assert g.shape == shape and not np.asarray(g).any()
 
 
-def test_dense_fast_path_signed_labels_on_excluded_classes():
+def test_dense_plain_signed_labels_on_excluded_classes():
     # Hand reference: a label l on a class of probability 0 costs l * inf
     # (+inf for l > 0, -inf for l < 0, as on the general path), 0 for l = 0;
     # rows of 4096 classes so that XLA:CPU compiles the fused kernel.
@@ -188,7 +188,7 @@ def test_dense_fast_path_signed_labels_on_excluded_classes():
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_dense_fast_path_matches_reference_at_every_edge(jit):
+def test_dense_plain_matches_reference_at_every_edge(jit):
     # No mask, t = 1, no smoothing. Rows cover a
     # -inf logit with label 0 and with label 1, a row of -inf, +inf logits
     # with the label on and off them, and a NaN.
@@ -202,7 +202,7 @@ def test_dense_fast_path_matches_reference_at_every_edge(jit):
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_integer_fast_path_matches_reference_at_every_edge(jit):
+def test_integer_plain_matches_reference_at_every_edge(jit):
     # No mask, t = 1, no smoothing. The edge batch's rows: a
     # -inf logit, the label's logit -inf, a row of -inf, the label on +inf,
     # two +inf off the label, a NaN, labels out of range, a three-way tie.
@@ -215,7 +215,7 @@ def test_integer_fast_path_matches_reference_at_every_edge(jit):
     assert np.isposinf(got[5]) and got[6] == 0.0 and np.isnan(got[[12, 13, 14]]).all()
 
 
-def test_integer_fast_path_gradients_match_a_hand_reference():
+def test_integer_plain_gradients_match_a_hand_reference():
     # Rows 12-14 (a NaN, labels out of range) have weight 0: their gradient
     # is 0 * (its NaN or zero), compared as is.
     x, labels, _ = _edge_batch()
@@ -230,7 +230,7 @@ def test_integer_fast_path_gradients_match_a_hand_reference():
     ([[2.0], [0.5]], [0, 0]),
     ([[0.0, -40.0, -50.0], [1.0, 2.0, -45.0], [1.0, 1.0, 1.0]], [0, 1, 2]),
 ])
-def test_integer_fast_path_hessians_match_the_closed_form(x64, x, y):
+def test_integer_plain_hessians_match_the_closed_form(x64, x, y):
     # The Hessian of lse(x) - x_y per row is diag(p) - p p^T (p = softmax),
     # also where the total is exactly 1 (one class, a dominating max).
     x, y = np.asarray(x), np.asarray(y)
@@ -264,7 +264,7 @@ def test_dense_gradients_by_hand():
     assert gx[1, 2] == 0 and gy[1, 2] == 0
 
 
-def test_dense_fast_path_second_derivatives(x64):
+def test_dense_plain_second_derivatives(x64):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(3, 5))
     y = rng.dirichlet(np.ones(5), size=3)
@@ -301,7 +301,7 @@ def test_dense_hessians_by_hand(x64, x, y):
         jax.jacrev(jax.grad(loss, 0), 1)(x, y), want_xy, rtol=1e-9, atol=1e-12)
 
 
-def test_dense_fast_path_small_losses_are_accurate_to_an_ulp_of_one():
+def test_dense_plain_small_losses_are_accurate_to_an_ulp_of_one():
     # Confident float32 rows: the loss is log1p(sum below the max), 1e-7..1e-2.
     # The normaliser is one sum (as in optax), so the error is absolute: about
     # an ulp of 1, with or without a mask.
