@@ -20,9 +20,9 @@ def per_chunk(start: jax.Array, *xs: jax.Array) -> tuple[jax.Array, ...]:
     """``xs`` tied to a loop's chunk ``start`` on XLA:CPU, as they are elsewhere.
 
     XLA:CPU hoists the float32 conversion of a 16-bit operand out of a chunk
-    loop and converts all of it once (2.1 GB for a Llama-3-sized ``weight``);
-    an optimisation barrier with the chunk start keeps each chunk's
-    conversion inside the loop.
+    loop and converts all of it at once (a float32 copy of a Llama-3-sized
+    ``weight``, BENCHMARKS.md); an optimisation barrier with the chunk start
+    keeps each chunk's conversion inside the loop.
     """
     start = jnp.asarray(start)
 

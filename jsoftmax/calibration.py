@@ -207,8 +207,8 @@ def _fit_log_temperature(logits, labels):
     # once, from negative to positive, at the optimum: bisection on that sign
     # over the search range converges surely, with no step size or line search
     # to tune, in one small loop. (optax's L-BFGS with its zoom line search gave
-    # the same t to 1e-7 but compiled about 1.5x slower, and compiling is most
-    # of the cost on a validation set this small.) 40 halvings of a width of
+    # the same t but compiled more slowly, and compiling is most of the cost
+    # on a validation set this small.) 40 halvings of a width of
     # 10 leave 1e-11 in log t. The derivative goes through jsoftmax's
     # temperature argument.
     nll = lambda u: jnp.mean(
