@@ -23,6 +23,7 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
+    "sphinx-mathjax-offline",  # MathJax from the built site, not a CDN
     "jsoftmax_docs",
 ]
 
