@@ -50,7 +50,6 @@ __all__ = [
     "log_probabilities",
     "log_sum",
     "logits",
-    "mean_logit",
     "normaliser",
     "probabilities",
     "reduce_max",
@@ -260,20 +259,23 @@ def logits(axes, x: jax.Array, t: jax.Array | None = None, mask=None):
 class Normaliser(NamedTuple):
     """s = sum(exp(z)) per slice (keepdims), ``log_s`` = log s with 0 for a
     slice with nothing included, ``q`` = 1 - 1/s to full accuracy or None,
-    and ``mean_z`` = sum(p z) over the included entries (see
-    :func:`mean_logit`) when asked for, else None. s is 0 for a slice with
-    nothing included, +inf for one whose max is +inf and NaN for one with a
-    NaN."""
+    ``mean_z`` = sum(p z) over the included entries with p = softmax(z) (0 on
+    a slice with nothing included; the part of a derivative in t that the
+    softmax weights) when asked for, else None, and ``sums``: the sum over
+    the slice of each array asked for. s is 0 for a slice with nothing
+    included, +inf for one whose max is +inf and NaN for one with a NaN."""
 
     s: jax.Array
     log_s: jax.Array
     q: jax.Array | None
     mean_z: jax.Array | None = None
+    sums: tuple[jax.Array, ...] = ()
 
 
-def normaliser(z: jax.Array, axes, mean_z: bool = False) -> Normaliser:
-    """The :class:`Normaliser` of logits z, with ``mean_z`` from the same pass
-    over z when asked for (a derivative in t needs it).
+def normaliser(z: jax.Array, axes, mean_z: bool = False, sums=()) -> Normaliser:
+    """The :class:`Normaliser` of logits z, with ``mean_z`` and the ``sums``
+    of further arrays (of z's shape) from the same pass over z when asked for:
+    a second pass would make XLA:CPU store z (see ``jsoftmax._xla_cpu.sums``).
 
     In float64 log s and q are split at the maxima (:func:`accurate_log_normaliser`),
     which keeps the top entry of log_softmax and its gradient component
@@ -281,17 +283,18 @@ def normaliser(z: jax.Array, axes, mean_z: bool = False) -> Normaliser:
     float32 and below that costs a second pass over the slice, so they take
     jax.nn's single sum.
     """
-    finite_z = (jnp.where(z == -INF, 0.0, z),) if mean_z else ()
+    e = jnp.exp(z)
+    weighted = (e * jnp.where(z == -INF, 0.0, z),) if mean_z else ()
+    extra = (*weighted, *sums)
     if z.dtype == jnp.float64:
-        top, below, *ez = _split_sums(z, axes, True, *finite_z)
+        top, below, *extra = _split_sums(z, axes, True, *extra)
         log_s, q = _split_log_normaliser(top, below)
         s = top + below
     else:
-        e = jnp.exp(z)
-        s, *ez = reduce_sums((e, *(e * w for w in finite_z)), axes)
+        s, *extra = reduce_sums((e, *extra), axes)
         log_s, q = jnp.log(safe_normaliser(s)), None
-    mean = ez[0] / safe_normaliser(s) if mean_z else None
-    return Normaliser(s, log_s, q, mean)
+    mean = extra[0] / safe_normaliser(s) if mean_z else None
+    return Normaliser(s, log_s, q, mean, tuple(extra[len(weighted):]))
 
 
 def log_probabilities(z: jax.Array, log_s: jax.Array) -> jax.Array:
@@ -327,14 +330,14 @@ def accurate_log_normaliser(
     return _split_log_normaliser(*_split_sums(z, axes, keepdims))
 
 
-def _split_sums(z, axes, keepdims, *weights):
+def _split_sums(z, axes, keepdims, *terms):
     """``(top, below, *sums)``: sum(exp(z)) at the maxima (z = 0), below them,
-    and sum(exp(z) w) for each of ``weights``, in one pass."""
+    and the sum of each of ``terms``, in one pass."""
     at_top = z == 0
     e = jnp.exp(z)
     # exp(z) rather than 1 at the top: the same value, with z's derivative.
-    terms = (jnp.where(at_top, e, 0.0), jnp.where(at_top, 0.0, e), *(e * w for w in weights))
-    return reduce_sums(terms, axes, keepdims)
+    split = (jnp.where(at_top, e, 0.0), jnp.where(at_top, 0.0, e))
+    return reduce_sums((*split, *terms), axes, keepdims)
 
 
 def _split_log_normaliser(top, below, *_):
@@ -387,17 +390,10 @@ def entropy(z: jax.Array, axes, keepdims: bool = True) -> jax.Array:
     has entropy 0; k entries at z = 0 and nothing else give log k."""
     # A product with 0 at z = -inf, not a select after it (whose cotangent
     # would meet 0 * -inf).
-    sums = _split_sums(z, axes, keepdims, jnp.where(z == -INF, 0.0, z))
+    sums = _split_sums(z, axes, keepdims, jnp.exp(z) * jnp.where(z == -INF, 0.0, z))
     log_s, _ = _split_log_normaliser(*sums)
     s = sums[0] + sums[1]
     return jnp.where(s == 0, 0.0, log_s - sums[2] / safe_normaliser(s))
-
-
-def mean_logit(z: jax.Array, axes) -> jax.Array:
-    """sum(p z) with p = softmax(z) over the included entries (keepdims; 0 for
-    a slice with nothing included): the part of a derivative in t that the
-    softmax weights."""
-    return normaliser(z, axes, mean_z=True).mean_z
 
 
 def inverse_temperature(t: jax.Array) -> jax.Array:

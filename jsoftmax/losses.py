@@ -350,7 +350,15 @@ def _integer_parts(axes, x, labels, t, mask, alpha, mean_z=False):
     index = jnp.where(here, local, 0)[..., None]
     shift = nz.slice_shift(axes, x, t, mask)
     z = nz.shifted(x, shift, t, mask)
-    norm = nz.normaliser(z, axes, mean_z)
+    smoothing = ()
+    if alpha is not None:
+        # optax.smooth_labels then the dense loss: (1 - a) CE + a mean(-log p)
+        # over the kept classes, each term divided by K first (no overflow);
+        # masked-out classes (z = -inf, weight 0) are absent. Summed in the
+        # normaliser's pass over z.
+        kept_z = z if mask is None else jnp.where(mask, z, 0.0)
+        smoothing = (kept_z * _kept_weights(axes, x.shape, mask),)
+    norm = nz.normaliser(z, axes, mean_z, smoothing)
     x_y = jnp.take_along_axis(x, index, axis=-1)
     mask_y = None if mask is None else jnp.take_along_axis(mask, index, axis=-1)
     z_y = nz.shifted(x_y, shift, t, mask_y)
@@ -365,12 +373,7 @@ def _integer_parts(axes, x, labels, t, mask, alpha, mean_z=False):
     smooth = None
     loss = cross_entropy
     if alpha is not None:
-        # optax.smooth_labels then the dense loss: (1 - a) CE + a mean(-log p)
-        # over the kept classes, each term divided by K first (no overflow).
-        kept = _kept_weights(axes, x.shape, mask)
-        if mask is not None:  # masked-out classes (z = -inf, weight 0) are absent
-            z = jnp.where(mask, z, 0.0)
-        smooth = norm.log_s - nz.reduce_sum(z * kept, axes)
+        smooth = norm.log_s - norm.sums[0]
         # A term of weight 0 is absent (0 * inf counts as 0).
         loss = jnp.where(alpha == 1, 0.0, (1.0 - alpha) * cross_entropy) + jnp.where(
             alpha == 0, 0.0, alpha * smooth
@@ -398,14 +401,19 @@ def _integer_tangent(axes, x, labels, t, mask, alpha, shift, s, dx):
     return nz.reduce_sum(coefficient * dz, axes)
 
 
-def _integer_dt(t, alpha, norm, z_y, smooth):
-    """d loss / dt = -sum_j (p_j - w_j) z_j / t, where the loss is finite:
-    sum_j w_j z_j is the label's logit, or with smoothing (1 - a) z_y plus a
-    times the kept classes' mean logit (log s - smooth). One number per
-    example, computed in the forward pass."""
+def _integer_dt(t, alpha, norm, z_y, smooth, loss, valid):
+    """d loss / dt = -sum_j (p_j - w_j) z_j / t: sum_j w_j z_j is the label's
+    logit, or with smoothing (1 - a) z_y plus a times the kept classes' mean
+    logit (log s - smooth). One number per example, computed in the forward
+    pass; 0 where the loss is a constant (infinite, nothing included, a
+    label out of range), and a term of weight 0 is absent (0 * inf is 0)."""
     z_y = jnp.where(jnp.isfinite(z_y), z_y, 0.0)
-    target = z_y if alpha is None else (1.0 - alpha) * z_y + alpha * (norm.log_s - smooth)
-    return -(norm.mean_z - target) * nz.inverse_temperature(t)
+    target = z_y
+    if alpha is not None:
+        target = (1.0 - alpha) * z_y + jnp.where(alpha == 0, 0.0, alpha * (norm.log_s - smooth))
+    coefficient = -(norm.mean_z - target) * nz.inverse_temperature(t)
+    constant = jnp.isinf(loss) | (norm.s == 0) | ~valid
+    return jnp.where(constant, 0.0, coefficient)
 
 
 @partial(_integer_cross_entropy.defjvp, symbolic_zeros=True)
@@ -424,9 +432,7 @@ def _integer_cross_entropy_jvp(axes, primals, tangents):
     if dt is not None:
         # The coefficient of dt is a number per example, so that reverse mode
         # with respect to t keeps nothing of the logits' shape.
-        # An infinite loss is a constant (its coefficient 0, not inf).
-        coefficient = _integer_dt(t, alpha, norm, z_y, smooth)
-        out = out + jnp.where(jnp.isinf(loss), 0.0, coefficient) * dt
+        out = out + _integer_dt(t, alpha, norm, z_y, smooth, loss, valid) * dt
     if dalpha is not None:
         out = out + jnp.where(norm.s == 0, 0.0, smooth - cross_entropy) * dalpha
     # The loss is a constant where it is infinite, where the label's logit is
