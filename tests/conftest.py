@@ -83,8 +83,10 @@ class EdgeTables:
         return self.directory
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def edge_tables(tmp_path_factory):
+    # Per module: the tables themselves live in files, shared by every module
+    # and worker of the run.
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the run's directory, which every worker shares

@@ -1,7 +1,7 @@
 """Tests that need several devices; tests/test_multidevice.py runs them.
 
 They run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4
-(set before JAX starts), so the main test session keeps its single device.
+(set before JAX starts), so the main test run keeps its single device.
 Collected only when JSOFTMAX_MULTIDEVICE=1, which that subprocess sets; to run
 them by hand:
 
