@@ -18,18 +18,30 @@ from benchmarks import edge_cases, family, overhead, run
 pytestmark = pytest.mark.xdist_group("benchmarks")
 
 
+def _once(tmp_path_factory, name, make):
+    """The JSON that ``make(path)`` writes, made once per test run: xdist may
+    tear a module fixture down between this file's tests and set it up again."""
+    path = tmp_path_factory.getbasetemp() / f"bench-{name}.json"
+    if not path.exists():
+        partial = path.with_suffix(".partial")
+        make(partial)
+        partial.replace(path)
+    return json.loads(path.read_text())
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory, edge_tables):
-    path = tmp_path_factory.mktemp("bench") / "quick.json"
-    # The edge battery is run once for the whole test run (the docs build
-    # publishes the same table); run.main reports it as usual.
-    battery = edge_tables.rows("edge_cases")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(edge_cases, "run_edge_cases", lambda: battery)
-        # Two of the functions time (the accuracy table and the edge battery
-        # are whole): the timing code is the same for every pair.
-        run.main(["--quick", "--json", str(path), "--only", "log"])
-    return json.loads(path.read_text())
+    def make(path):
+        # The edge battery is run once for the whole test run (the docs build
+        # publishes the same table); run.main reports it as usual.
+        battery = edge_tables.rows("edge_cases")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(edge_cases, "run_edge_cases", lambda: battery)
+            # Two of the functions time (the accuracy table and the edge
+            # battery are whole): the timing code is the same for every pair.
+            run.main(["--quick", "--json", str(path), "--only", "log"])
+
+    return _once(tmp_path_factory, "quick", make)
 
 
 @pytest.mark.slow
@@ -107,12 +119,11 @@ def test_edge_values_are_formatted_compactly():
 def overhead_quick(tmp_path_factory):
     """Eager rows of every function; compile rows (cold compiles, the slow
     part) of one function only."""
-    results = []
-    for argv in (["--eager-only"], ["--only", "logsumexp"]):
-        path = tmp_path_factory.mktemp("bench") / "overhead.json"
-        overhead.main(["--quick", "--json", str(path), *argv])
-        results.append(json.loads(path.read_text()))
-    eager, compiled = results
+    eager, compiled = (
+        _once(tmp_path_factory, f"overhead-{i}",
+              lambda path, argv=argv: overhead.main(["--quick", "--json", str(path), *argv]))
+        for i, argv in enumerate((["--eager-only"], ["--only", "logsumexp"]))
+    )
     return {"machine": eager["machine"],
             "rows": eager["rows"] + [r for r in compiled["rows"] if r["kind"] == "compile"]}
 
