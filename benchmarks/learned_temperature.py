@@ -28,39 +28,34 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import jsoftmax
 
-MODES = {"logits only": 0, "temperature only": 1, "both": (0, 1)}
+MODES = ("logits only", "temperature only", "both")
 
 
 def cases(n: int, v: int, d: int):
-    """``(name, loss(first, t), first_shape)``: first is the logits, or
-    hidden for the fused loss (whose "logits" are hidden and weight)."""
+    """``(name, loss(*args), args, argnums per mode)``, the temperature the
+    second argument; the fused loss's "logits" are hidden and weight."""
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     labels = jnp.zeros((n,), jnp.int32)
     probs = jnp.full((n, v), 1.0 / v)
-    weight = jax.ShapeDtypeStruct((d, v), jnp.float32)
+    plain = dict(zip(MODES, (0, 1, (0, 1)), strict=True))
     return [
-        ("logsumexp", lambda x, t: jsoftmax.logsumexp(x, axis=-1, temperature=t), (n, v)),
+        ("logsumexp", lambda x, t: jsoftmax.logsumexp(x, axis=-1, temperature=t),
+         (f32(n, v), f32(n)), plain),
         ("softmax_cross_entropy_with_integer_labels",
          lambda x, t: jsoftmax.softmax_cross_entropy_with_integer_labels(x, labels, temperature=t),
-         (n, v)),
+         (f32(n, v), f32(n)), plain),
         ("softmax_cross_entropy",
-         lambda x, t: jsoftmax.softmax_cross_entropy(x, probs, temperature=t), (n, v)),
-        ("fused_linear_cross_entropy", weight, (n, d)),
+         lambda x, t: jsoftmax.softmax_cross_entropy(x, probs, temperature=t),
+         (f32(n, v), f32(n)), plain),
+        ("fused_linear_cross_entropy",
+         lambda h, t, w: jsoftmax.fused_linear_cross_entropy(h, w, labels, temperature=t),
+         (f32(n, d), f32(n), f32(d, v)), dict(zip(MODES, ((0, 2), 1, (0, 1, 2)), strict=True))),
     ]
 
 
-def temp_bytes(loss, first_shape, n, argnums, weight=None) -> int:
-    first = jax.ShapeDtypeStruct(first_shape, jnp.float32)
-    t = jax.ShapeDtypeStruct((n,), jnp.float32)
-    if weight is None:
-        f = lambda x, t: jnp.mean(loss(x, t))
-        step = jax.jit(jax.grad(f, argnums))
-        return step.lower(first, t).compile().memory_analysis().temp_size_in_bytes
-    labels = jax.ShapeDtypeStruct((n,), jnp.int32)
-    f = lambda h, t, w, y: jnp.mean(jsoftmax.fused_linear_cross_entropy(h, w, y, temperature=t))
-    # "logits" for the fused loss are hidden and weight.
-    argnums = {0: (0, 2), 1: 1, (0, 1): (0, 1, 2)}[argnums]
-    step = jax.jit(jax.grad(f, argnums))
-    return step.lower(first, t, weight, labels).compile().memory_analysis().temp_size_in_bytes
+def temp_bytes(loss, args, argnums) -> int:
+    step = jax.jit(jax.grad(lambda *a: jnp.mean(loss(*a)), argnums))
+    return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
 def main(argv=None) -> list[dict]:
@@ -70,11 +65,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--d", type=int, default=512)
     args = parser.parse_args(argv)
     rows = []
-    for name, loss, shape in cases(args.n, args.v, args.d):
-        weight = loss if isinstance(loss, jax.ShapeDtypeStruct) else None
-        got = {mode: temp_bytes(None if weight is not None else loss, shape, args.n, a, weight)
-               for mode, a in MODES.items()}
-        rows.append({"function": name, **got})
+    for name, loss, shapes, argnums in cases(args.n, args.v, args.d):
+        rows.append({"function": name,
+                     **{mode: temp_bytes(loss, shapes, argnums[mode]) for mode in MODES}})
     print(f"Temporary bytes of jax.grad, N={args.n}, V={args.v}"
           f" (fused: D={args.d}); jax {jax.__version__}, {jax.default_backend()}\n")
     print("| function | " + " | ".join(MODES) + " |")

@@ -287,7 +287,7 @@ def normaliser(z: jax.Array, axes, mean_z: bool = False, sums=()) -> Normaliser:
     weighted = (e * jnp.where(z == -INF, 0.0, z),) if mean_z else ()
     extra = (*weighted, *sums)
     if z.dtype == jnp.float64:
-        top, below, *extra = _split_sums(z, axes, True, *extra)
+        top, below, *extra = _split_sums(z, e, axes, True, *extra)
         log_s, q = _split_log_normaliser(top, below)
         s = top + below
     else:
@@ -327,20 +327,20 @@ def accurate_log_normaliser(
     entropy term of d lse / dt and the top entry's gradient of log_softmax
     (jax-ml/jax#40384). An empty slice gives (0, 0).
     """
-    return _split_log_normaliser(*_split_sums(z, axes, keepdims))
+    return _split_log_normaliser(*_split_sums(z, jnp.exp(z), axes, keepdims))
 
 
-def _split_sums(z, axes, keepdims, *terms):
-    """``(top, below, *sums)``: sum(exp(z)) at the maxima (z = 0), below them,
-    and the sum of each of ``terms``, in one pass."""
+def _split_sums(z, e, axes, keepdims, *terms):
+    """``(top, below, *sums)``: sum(e) at the maxima (z = 0), below them, and
+    the sum of each of ``terms``, in one pass; e = exp(z), made once by the
+    caller (it builds its terms from it too)."""
     at_top = z == 0
-    e = jnp.exp(z)
     # exp(z) rather than 1 at the top: the same value, with z's derivative.
     split = (jnp.where(at_top, e, 0.0), jnp.where(at_top, 0.0, e))
     return reduce_sums((*split, *terms), axes, keepdims)
 
 
-def _split_log_normaliser(top, below, *_):
+def _split_log_normaliser(top, below):
     safe_top = jnp.where(top == 0, 1.0, top)
     log_s = jnp.where(top == 0, 0.0, jnp.log(safe_top) + jnp.log1p(below / safe_top))
     # q = (s - k) / s with k the count at the top: below / s in value, and
@@ -390,10 +390,11 @@ def entropy(z: jax.Array, axes, keepdims: bool = True) -> jax.Array:
     has entropy 0; k entries at z = 0 and nothing else give log k."""
     # A product with 0 at z = -inf, not a select after it (whose cotangent
     # would meet 0 * -inf).
-    sums = _split_sums(z, axes, keepdims, jnp.exp(z) * jnp.where(z == -INF, 0.0, z))
-    log_s, _ = _split_log_normaliser(*sums)
-    s = sums[0] + sums[1]
-    return jnp.where(s == 0, 0.0, log_s - sums[2] / safe_normaliser(s))
+    e = jnp.exp(z)
+    top, below, ez = _split_sums(z, e, axes, keepdims, e * jnp.where(z == -INF, 0.0, z))
+    log_s, _ = _split_log_normaliser(top, below)
+    s = top + below
+    return jnp.where(s == 0, 0.0, log_s - ez / safe_normaliser(s))
 
 
 def inverse_temperature(t: jax.Array) -> jax.Array:
