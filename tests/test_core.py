@@ -518,6 +518,8 @@ def test_check_grads_order_two(x64, fn, masked):
     x = jnp.asarray(X_SMALL)
     x_inf = x.at[1, 1].set(-INF)
     mask = jnp.asarray(MASK_SMALL) if masked else None
+    # Both modes and their mixtures (jax.hessian is forward over reverse) at
+    # t = 1 and with a temperature; reverse over reverse on the variants.
     check_grads(lambda x: fn(x, where=mask), (x,), order=2, modes=["fwd", "rev"])
     check_grads(
         lambda x, t: fn(x, where=mask, temperature=t),
@@ -530,9 +532,9 @@ def test_check_grads_order_two(x64, fn, masked):
         lambda d, t: fn(x_inf + d, where=mask, temperature=t),
         (jnp.zeros_like(x), jnp.asarray(T_SMALL)),
         order=2,
-        modes=["fwd", "rev"],
+        modes=["rev"],
     )
-    check_grads(lambda x: fn(x, axis=0), (x,), order=2, modes=["fwd", "rev"])
+    check_grads(lambda x: fn(x, axis=0), (x,), order=2, modes=["rev"])
 
 
 def test_check_grads_logsumexp(x64):
@@ -540,6 +542,7 @@ def test_check_grads_logsumexp(x64):
     t = jnp.asarray(T_SMALL)
     mask = jnp.asarray(MASK_SMALL)
     modes = ["fwd", "rev"]
+    # Mixed modes at t = 1 and with a temperature; reverse over reverse with weights.
     check_grads(lambda x: jsoftmax.logsumexp(x), (x,), order=2, modes=modes)
     check_grads(
         lambda x, t: jsoftmax.logsumexp(x, axis=-1, where=mask, temperature=t),
@@ -551,13 +554,13 @@ def test_check_grads_logsumexp(x64):
         lambda x, t, b: jsoftmax.logsumexp(x, axis=1, b=b, temperature=t),
         (x, t, jnp.abs(x) + 0.5),
         order=2,
-        modes=modes,
+        modes=["rev"],
     )
     check_grads(
         lambda x, b: jsoftmax.logsumexp(x, axis=-1, b=b, return_sign=True)[0],
         (x, x),
         order=2,
-        modes=modes,
+        modes=["rev"],
     )
 
 

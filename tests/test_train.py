@@ -1,7 +1,8 @@
 """Tests for the training example (jsoftmax_demo.train) and jsoftmax.calibration.
 
-The end-to-end runs use tiny configurations; the 4-device run is a subprocess
-because XLA_FLAGS must be set before JAX initialises.
+The end-to-end runs use tiny configurations; the 4-device and the
+2-process runs are subprocesses because XLA_FLAGS must be set before JAX
+initialises. Both are compared with the 1-process run.
 """
 
 import contextlib
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
+from processes import LOCAL_DEVICES, NUM_PROCESSES, free_port, launch, read_logs
 
 import jsoftmax
 from jsoftmax.calibration import mean_nll
@@ -285,6 +287,32 @@ def test_four_devices_agree_with_one(runs, tmp_path):
     assert sharded["devices"] == 4
     assert abs(sharded["test_accuracy"] - metrics["test_accuracy"]) <= 0.01
     assert sharded["temperature"] == pytest.approx(metrics["temperature"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_training_across_processes_agrees_with_one(runs, tmp_path):
+    """jsoftmax-train in 2 processes x 2 devices (JAX's multi-controller
+    runtime, one global batch over 4 devices) reaches the test accuracy and
+    temperature of the 1-process run."""
+    expected = runs["digits"][0]
+    out = tmp_path / "multi"  # the same --out for both; only process 0 writes it
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    flags = [*TINY["digits"], "--quiet", "--out", str(out), "--coordinator-address",
+             f"127.0.0.1:{free_port()}", "--num-processes", str(NUM_PROCESSES)]
+    commands = [[sys.executable, "-m", "jsoftmax_demo.train", *flags, "--process-id", str(i)]
+                for i in range(NUM_PROCESSES)]
+    codes = launch(commands, logs)
+    assert codes == [0] * NUM_PROCESSES, read_logs(logs)
+    stdout = [(logs / f"{i}.out").read_text() for i in range(NUM_PROCESSES)]
+    assert "process 0 of 2, 4 devices in all, 2 here" in stdout[0]
+    assert "process 1 of 2" in stdout[1]
+    assert "test accuracy" in stdout[0] and "test accuracy" not in stdout[1]
+    got = json.loads((out / "metrics.json").read_text())
+    assert (got["processes"], got["devices"]) == (NUM_PROCESSES, NUM_PROCESSES * LOCAL_DEVICES)
+    assert (expected["processes"], got["batch_size"]) == (1, expected["batch_size"])
+    assert abs(got["test_accuracy"] - expected["test_accuracy"]) <= 0.01
+    assert got["temperature"] == pytest.approx(expected["temperature"], rel=0.05)
 
 
 def test_import_jsoftmax_needs_no_demo_extras():
