@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/overhead.py [--quick] [--json FILE] [--only NAME] [--eager-only]
+    python benchmarks/overhead.py [--quick] [--json FILE] [--only NAME]
+                                  [--eager-only | --compile-only]
 
 Two measurements for every public function, each side by side with the
 function it replaces (or, where there is none, with one jitted call of the
@@ -17,7 +18,8 @@ repetition, so that machine noise hits both sides of a pair:
 * **Compile ms.** ``jax.jit(jax.grad(sum of f)).lower(x).compile()`` at
   (256, 32000) float32 (``sample`` is not differentiable: ``jax.jit(f)``),
   after ``jax.clear_caches()`` so that every trace is paid for, at t = 1 and
-  with a temperature.
+  with a temperature; of it, the XLA part (``.compile()`` of the lowered
+  program) is reported too. The machine record has XLA_FLAGS ("" if unset).
 
 The ratio is the median over repetitions of jsoftmax / reference within the
 same repetition. ``--quick`` uses a small compile shape and few repetitions
@@ -86,6 +88,9 @@ class Row:
     ref: float
     ratio: float
     reps: int
+    # Compile rows: the XLA part of ``ours`` and ``ref`` (ms), medians.
+    ours_xla: float | None = None
+    ref_xla: float | None = None
 
 
 # --------------------------------------------------------------------------
@@ -236,7 +241,8 @@ def _eager_us(fn, a, calls):
 
 
 def _compile_ms(fn, a, grad):
-    """Cold compile time: caches cleared, so every trace is counted."""
+    """Cold compile time, and its XLA part (ms): caches cleared, so every
+    trace is counted."""
     jax.clear_caches()
     x = a["x"]
 
@@ -245,8 +251,11 @@ def _compile_ms(fn, a, grad):
 
     program = jax.grad(scalar) if grad else scalar
     start = time.perf_counter()
-    jax.jit(program).lower(x).compile()
-    return (time.perf_counter() - start) * 1e3
+    lowered = jax.jit(program).lower(x)
+    xla_start = time.perf_counter()
+    lowered.compile()
+    end = time.perf_counter()
+    return (end - start) * 1e3, (end - xla_start) * 1e3
 
 
 def _interleaved(measure, ours, ref, reps, rng):
@@ -273,14 +282,19 @@ def bench_eager(case, a, *, reps, calls, rng) -> Row:
 def bench_compile(case, a, *, reps, rng) -> Row:
     grad = case.function != "sample"
     fused = case.function == "fused_linear_cross_entropy"
+    xla = {case.ours: [], case.ref: []}
 
     def measure(fn):
         if fused:  # differentiate with respect to hidden
-            return _compile_ms(lambda b: fn({**b, "h": b["x"]}), {**a, "x": a["h"]}, grad)
-        return _compile_ms(fn, a, grad)
+            total, part = _compile_ms(lambda b: fn({**b, "h": b["x"]}), {**a, "x": a["h"]}, grad)
+        else:
+            total, part = _compile_ms(fn, a, grad)
+        xla[fn].append(part)
+        return total
 
     ours, ref, ratio = _interleaved(measure, case.ours, case.ref, reps, rng)
-    return Row(case.function, case.reference, "compile", case.variant, ours, ref, ratio, reps)
+    return Row(case.function, case.reference, "compile", case.variant, ours, ref, ratio, reps,
+               statistics.median(xla[case.ours]), statistics.median(xla[case.ref]))
 
 
 # --------------------------------------------------------------------------
@@ -291,8 +305,9 @@ def bench_compile(case, a, *, reps, rng) -> Row:
 def table(rows: list[Row]) -> str:
     lines = [
         "| function | reference | variant | eager µs jsoftmax | eager µs reference | eager ratio "
-        "| compile ms jsoftmax | compile ms reference | compile ratio |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| compile ms jsoftmax | compile ms reference | compile ratio "
+        "| of it XLA ms jsoftmax | of it XLA ms reference |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by_key = {}
     for r in rows:
@@ -303,6 +318,8 @@ def table(rows: list[Row]) -> str:
             r = kinds.get(kind)
             cells += (["-"] * 3 if r is None else
                       [fmt.format(r.ours), fmt.format(r.ref), f"{r.ratio:.2f}"])
+        r = kinds.get("compile")
+        cells += ["-"] * 2 if r is None else [f"{r.ours_xla:.0f}", f"{r.ref_xla:.0f}"]
         lines.append(f"| {function} | {reference} | {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -313,7 +330,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--only", metavar="NAME", action="append",
                         help="run only functions whose name contains NAME (repeatable)")
-    parser.add_argument("--eager-only", action="store_true", help="skip the compile times")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--eager-only", action="store_true", help="skip the compile times")
+    only.add_argument("--compile-only", action="store_true", help="skip the eager times")
     args = parser.parse_args(argv)
     eager_reps, calls, compile_reps = (2, 5, 1) if args.quick else (10, 200, 3)
     shape = QUICK_COMPILE_SHAPE if args.quick else FULL_COMPILE_SHAPE
@@ -332,7 +351,8 @@ def main(argv=None) -> dict:
         calibrating = case.reference in ("one jit call", "optax mean")
         fused = case.function == "fused_linear_cross_entropy"
         a = _calibration_inputs(small) if calibrating else small_fused if fused else small
-        rows.append(bench_eager(case, a, reps=eager_reps, calls=calls, rng=rng))
+        if not args.compile_only:
+            rows.append(bench_eager(case, a, reps=eager_reps, calls=calls, rng=rng))
         # Compile times at t = 1 and with a Python temperature.
         if case.variant in ("plain", "t=0.7") and not calibrating and not args.eager_only:
             rows.append(bench_compile(case, big, reps=compile_reps, rng=rng))

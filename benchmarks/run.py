@@ -380,6 +380,7 @@ def machine() -> dict:
         "jsoftmax": jsoftmax.__version__,
         "device": f"{dev.platform}: {getattr(dev, 'device_kind', str(dev))}",
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 

@@ -26,10 +26,9 @@ def free_port() -> int:
 def process_env() -> dict[str, str]:
     """The environment of each process: the CPU only, LOCAL_DEVICES devices."""
     env = dict(os.environ)
-    # The older loop emitters compile about twice as fast as the fusion
-    # emitters (the default, which the in-process tests run).
-    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
-                        " --xla_cpu_use_fusion_emitters=false")
+    # Added to the suite's own flags (tests/conftest.py).
+    env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} "
+                        f"--xla_force_host_platform_device_count={LOCAL_DEVICES}").strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
@@ -70,5 +69,3 @@ def read_logs(logs: Path) -> str:
         f"--- process {i} stderr ---\n{(logs / f'{i}.err').read_text()[-3000:]}"
         for i in range(NUM_PROCESSES)
     )
-
-

@@ -130,7 +130,7 @@ def overhead_quick(tmp_path_factory):
     eager, compiled = (
         _once(tmp_path_factory, f"overhead-{i}",
               lambda path, argv=argv: overhead.main(["--quick", "--json", str(path), *argv]))
-        for i, argv in enumerate((["--eager-only"], ["--only", "logsumexp"]))
+        for i, argv in enumerate((["--eager-only"], ["--compile-only", "--only", "logsumexp"]))
     )
     return {"machine": eager["machine"],
             "rows": eager["rows"] + [r for r in compiled["rows"] if r["kind"] == "compile"]}
@@ -152,6 +152,10 @@ def test_overhead_has_rows_for_every_function(overhead_quick):
     for r in rows:  # sane numbers, never a timing target
         for key in ("ours", "ref", "ratio"):
             assert math.isfinite(r[key]) and r[key] > 0, r
+        if r["kind"] == "compile":  # the XLA part of the compile time
+            assert 0 < r["ours_xla"] < r["ours"] and 0 < r["ref_xla"] < r["ref"], r
+        else:
+            assert r["ours_xla"] is None and r["ref_xla"] is None, r
     assert overhead_quick["machine"]["jax"]
 
 

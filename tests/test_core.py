@@ -54,6 +54,7 @@ def accuracy_batches():
     return out
 
 
+@pytest.mark.codegen
 @pytest.mark.parametrize("scale", [1.0, 30.0, 1e4, 1e30])
 def test_float32_accuracy_against_mpmath(accuracy_batches, scale):
     """Within 4 eps: softmax in absolute terms (its values lie in [0, 1] and its
@@ -86,6 +87,7 @@ def test_top_entry_of_log_softmax_keeps_tiny_values_in_float64():
 # ---------------------------------------------------------------- 2-3. dtypes
 
 
+@pytest.mark.codegen
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 @pytest.mark.parametrize("fn", FUNCS)
 def test_low_precision_is_float32_rounded(dtype, fn):
@@ -102,6 +104,7 @@ def test_low_precision_is_float32_rounded(dtype, fn):
     assert np.all(np.abs(got - ref_rounded) <= ulp)
 
 
+@pytest.mark.codegen
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 @pytest.mark.parametrize("general", [False, True], ids=["fast", "masked"])
 def test_low_precision_logsumexp_and_gradients(dtype, general):
@@ -131,6 +134,7 @@ def test_low_precision_logsumexp_and_gradients(dtype, general):
         assert gs.dtype == dtype and bool(jnp.all(jnp.isfinite(gs)))
 
 
+@pytest.mark.codegen
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 @pytest.mark.parametrize("general", [False, True], ids=["fast", "tempered_masked"])
 @pytest.mark.parametrize("name", ["softmax", "log_softmax", "logsumexp"])
@@ -177,6 +181,7 @@ def test_low_precision_gradients_are_rounded_once(dtype, general, name):
     assert np.all(np.abs(got - want) <= ulp + slack)
 
 
+@pytest.mark.codegen
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_logsumexp_keeps_no_input_sized_temporary(dtype):
     # The max is taken in the input dtype and the value needs no stored
@@ -195,6 +200,7 @@ def test_logsumexp_keeps_no_input_sized_temporary(dtype):
         assert ours <= temp(lambda x: jax.nn.logsumexp(x, axis=-1)) + 2 * rows * 4
 
 
+@pytest.mark.codegen
 def test_logsumexp_learned_temperature_keeps_no_input_sized_temporary():
     # d lse / dt is the entropy of the softmax: its sums come from one pass,
     # so differentiating in t keeps what differentiating in x keeps, up to a
@@ -519,7 +525,8 @@ def test_check_grads_order_two(x64, fn, masked):
     x_inf = x.at[1, 1].set(-INF)
     mask = jnp.asarray(MASK_SMALL) if masked else None
     # Both modes and their mixtures (jax.hessian is forward over reverse) at
-    # t = 1 and with a temperature; reverse over reverse on the variants.
+    # t = 1, with a temperature and at a -inf entry; reverse over reverse on
+    # the other axis.
     check_grads(lambda x: fn(x, where=mask), (x,), order=2, modes=["fwd", "rev"])
     check_grads(
         lambda x, t: fn(x, where=mask, temperature=t),
@@ -532,7 +539,7 @@ def test_check_grads_order_two(x64, fn, masked):
         lambda d, t: fn(x_inf + d, where=mask, temperature=t),
         (jnp.zeros_like(x), jnp.asarray(T_SMALL)),
         order=2,
-        modes=["rev"],
+        modes=["fwd", "rev"],
     )
     check_grads(lambda x: fn(x, axis=0), (x,), order=2, modes=["rev"])
 
@@ -964,6 +971,7 @@ def test_wide_rows_gradients_against_float64(wide_rows, name):
     assert np.all(np.isnan(got[4]))  # the NaN row
 
 
+@pytest.mark.codegen
 def test_wide_rows_edge_values(wide_rows):
     x = wide_rows
     s = np.asarray(jax.jit(jsoftmax.softmax)(x))

@@ -91,6 +91,7 @@ def _dense_edge_batch():
     return x, onehot
 
 
+@pytest.mark.codegen
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_low_precision_loss_gradients_are_rounded_once(dtype):
     # Gradients of bfloat16 / float16 logits: float32 results rounded once,
@@ -302,6 +303,7 @@ def test_dense_hessians_by_hand(x64, x, y):
         jax.jacrev(jax.grad(loss, 0), 1)(x, y), want_xy, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.codegen
 def test_dense_plain_small_losses_are_accurate_to_an_ulp_of_one():
     # Confident float32 rows: the loss is log1p(sum below the max), 1e-7..1e-2.
     # The normaliser is one sum (as in optax), so the error is absolute: about
@@ -587,6 +589,7 @@ def _temp_bytes(loss, n, v, **kwargs):
     return step.lower(x, y).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.codegen
 def test_integer_loss_temporary_memory_no_larger_than_optax():
     # The shape (81,920 against 131,072 bytes) and a smaller one.
     # The comparison holds for XLA:CPU, where CI runs; on an H200 (jax 0.11.2)
@@ -614,6 +617,7 @@ def _grad_temp_bytes(loss, n, v, argnums, **kwargs):
     return step.lower(x, t).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.codegen
 @pytest.mark.parametrize("loss", ["integer", "dense"])
 def test_learned_temperature_keeps_no_logits_sized_temporary(loss):
     # Differentiating in t (alone or with the logits) keeps what differentiating
@@ -632,6 +636,7 @@ def test_learned_temperature_keeps_no_logits_sized_temporary(loss):
         assert got <= logits_only + 8 * n * 4, (argnums, got, logits_only)
 
 
+@pytest.mark.codegen
 def test_integer_loss_with_smoothing_keeps_no_logits_sized_temporary():
     # The smoothing term's sum comes from the normaliser's pass over the
     # logits, so they are not stored for a second reduction.
@@ -639,6 +644,7 @@ def test_integer_loss_with_smoothing_keeps_no_logits_sized_temporary():
     assert _temp_bytes(integer_ce, n, v, label_smoothing=0.1) < n * v * 4 // 8
 
 
+@pytest.mark.codegen
 @pytest.mark.xfail(
     jax.default_backend() == "cpu", strict=True,
     reason="the +inf select in the shared logits makes XLA:CPU (jax 0.10.2) keep one "
@@ -720,6 +726,7 @@ def test_integer_gradient_when_the_label_logit_is_far_below_the_max(kwargs):
     np.testing.assert_allclose(got, np.array([0.0, 0.0, 1.0, -1.0]) / t, atol=1e-7, rtol=1e-6)
 
 
+@pytest.mark.codegen
 def test_integer_gradient_accuracy_on_wide_logits():
     # N(0, 300) logits, the label on the row minimum: the gradient is
     # softmax - onehot to float32 rounding (float64 reference by hand).

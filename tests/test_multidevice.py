@@ -14,14 +14,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Simulated devices are already a configuration of their own; these tests
-# compare sharded with unsharded calls inside it, both compiled alike. XLA:CPU's
-# older loop emitters compile about twice as fast as its fusion emitters; the
-# default ones are what the rest of the suite runs.
-SIMULATED_DEVICES_FLAGS = (
-    "--xla_force_host_platform_device_count=4 --xla_cpu_use_fusion_emitters=false"
-)
-
 # Two halves of about equal time, so that two workers can share them.
 HALVES = {"fused": "fused", "the_rest": "not fused"}
 
@@ -30,7 +22,10 @@ HALVES = {"fused": "fused", "the_rest": "not fused"}
 @pytest.mark.parametrize("half", sorted(HALVES))
 def test_vocab_parallel_on_four_devices(half):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + SIMULATED_DEVICES_FLAGS).strip()
+    # Added to the suite's own flags (tests/conftest.py).
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
     env["JSOFTMAX_MULTIDEVICE"] = "1"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))

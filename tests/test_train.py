@@ -40,10 +40,11 @@ KEYS = {
 }
 
 
-def _subprocess_env(**extra):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env.pop("XLA_FLAGS", None)
-    env.update(extra)
+def _subprocess_env(xla_flags="", **extra):
+    """This process's environment (the suite's XLA flags too, tests/conftest.py)
+    with ``xla_flags`` added."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     return env
 
 
@@ -278,8 +279,7 @@ def test_four_devices_agree_with_one(runs, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "jsoftmax_demo.train", *TINY["digits"], "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env=_subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                            JAX_PLATFORMS="cpu"),
+        env=_subprocess_env("--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"),
     )
     assert proc.returncode == 0, proc.stderr
     assert "4 devices" in proc.stdout
