@@ -1,12 +1,15 @@
-"""Local processes for the multi-controller tests: each joins JAX's runtime on
-127.0.0.1 (CPU collectives over gloo), with a timeout on every process; the
-ones still running when a test ends are killed, passed or not."""
+"""Subprocesses of the tests: JAX on the CPU with simulated devices, pytest
+runs under other flags, and the local processes of the multi-controller tests
+(each joins JAX's runtime on 127.0.0.1, CPU collectives over gloo, with a
+timeout on every process; the ones still running when a test ends are
+killed, passed or not)."""
 
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,15 +26,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_env() -> dict[str, str]:
-    """The environment of each process: the CPU only, LOCAL_DEVICES devices."""
-    env = dict(os.environ)
-    # Added to the suite's own flags (tests/conftest.py).
-    env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} "
-                        f"--xla_force_host_platform_device_count={LOCAL_DEVICES}").strip()
-    env["JAX_PLATFORMS"] = "cpu"
+def cpu_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """This process's environment for a JAX subprocess on the CPU: the suite's
+    XLA flags (tests/conftest.py) with ``devices`` simulated devices added,
+    the repository importable, and ``extra``."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+    if devices is not None:
+        count = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {count}".strip()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+def run_pytest(args: list[str], env: dict[str, str], timeout: float = 900):
+    """pytest in a subprocess, in one process (``-n 0``): the calling test's
+    worker waits for it, so it takes that worker's core."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
 
 
 def launch(commands: list[list[str]], logs: Path, timeout: float = TIMEOUT) -> list[int]:
@@ -46,7 +59,7 @@ def launch(commands: list[list[str]], logs: Path, timeout: float = TIMEOUT) -> l
     try:
         for i, cmd in enumerate(commands):
             with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
-                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=process_env(),
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(LOCAL_DEVICES),
                                               stdout=out, stderr=err))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

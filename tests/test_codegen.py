@@ -8,21 +8,9 @@ subprocess with XLA's defaults.
 
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _pytest(args, env):
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-
+from processes import run_pytest
 
 # Two halves of about equal time, so that two workers can share them.
 HALVES = {"core": ["tests/test_core.py"], "the_rest": ["tests", "--ignore=tests/test_core.py"]}
@@ -36,10 +24,10 @@ def test_codegen_tests_pass_under_xla_defaults(request, half):
         pytest.skip("this run is under XLA's defaults already, the codegen tests included")
     env = dict(os.environ, JSOFTMAX_TEST_XLA_DEFAULTS="1")
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(flag, "").strip()
-    listed = _pytest(["-q", "--collect-only", "-m", "codegen", *HALVES[half]], env)
+    listed = run_pytest(["--collect-only", "-m", "codegen", *HALVES[half]], env)
     expected = len([line for line in listed.stdout.splitlines() if "::" in line])
     assert expected >= 10, listed.stdout[-2000:]
-    result = _pytest(["-q", "-m", "codegen", *HALVES[half]], env)
+    result = run_pytest(["-m", "codegen", *HALVES[half]], env)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     summary = result.stdout.strip().splitlines()[-1]
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (\w+)", summary)}

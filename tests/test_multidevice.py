@@ -4,15 +4,12 @@ XLA reads the device count once, when JAX starts, so the flag cannot be set
 inside this test process without disturbing every other test.
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from processes import cpu_env, run_pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
 
 # Two halves of about equal time, so that two workers can share them.
 HALVES = {"fused": "fused", "the_rest": "not fused"}
@@ -21,20 +18,8 @@ HALVES = {"fused": "fused", "the_rest": "not fused"}
 @pytest.mark.slow
 @pytest.mark.parametrize("half", sorted(HALVES))
 def test_vocab_parallel_on_four_devices(half):
-    env = dict(os.environ)
-    # Added to the suite's own flags (tests/conftest.py).
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    ).strip()
-    env["JSOFTMAX_MULTIDEVICE"] = "1"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        # -n 0: this test's worker waits for the subprocess, which takes its core.
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
-         "-k", HALVES[half], str(ROOT / "tests" / "multidevice")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
+    result = run_pytest(["-k", HALVES[half], str(ROOT / "tests" / "multidevice")],
+                        cpu_env(4, JSOFTMAX_MULTIDEVICE="1"), timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 

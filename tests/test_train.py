@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
-from processes import LOCAL_DEVICES, NUM_PROCESSES, free_port, launch, read_logs
+from processes import LOCAL_DEVICES, NUM_PROCESSES, cpu_env, free_port, launch, read_logs
 
 import jsoftmax
 from jsoftmax.calibration import mean_nll
@@ -38,14 +37,6 @@ KEYS = {
     "dataset", "backend", "devices", "epochs", "test_accuracy", "test_nll_before",
     "test_nll_after", "ece_before", "ece_after", "temperature", "train_seconds",
 }
-
-
-def _subprocess_env(xla_flags="", **extra):
-    """This process's environment (the suite's XLA flags too, tests/conftest.py)
-    with ``xla_flags`` added."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
-    return env
 
 
 # --------------------------------------------------------------------------
@@ -279,7 +270,7 @@ def test_four_devices_agree_with_one(runs, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "jsoftmax_demo.train", *TINY["digits"], "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env=_subprocess_env("--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"),
+        env=cpu_env(4),
     )
     assert proc.returncode == 0, proc.stderr
     assert "4 devices" in proc.stdout
@@ -322,6 +313,6 @@ def test_import_jsoftmax_needs_no_demo_extras():
         "if m in sys.modules])"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env=_subprocess_env())
+                          text=True, timeout=120, env=cpu_env())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
