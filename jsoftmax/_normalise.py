@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -57,6 +58,7 @@ __all__ = [
     "reduce_sums",
     "reduction",
     "safe_normaliser",
+    "select",
     "shifted",
     "slice_shift",
     "tangent_logits",
@@ -132,7 +134,7 @@ class Segments:
     @classmethod
     def from_ids(cls, ids: jax.Array, num_segments: int, indices_are_sorted: bool = False):
         ids = widen_labels(ids)  # ids + 1 must not wrap around
-        rows = jnp.where(ids < 0, 0, jnp.where(ids >= num_segments, num_segments + 1, ids + 1))
+        rows = select(ids < 0, 0, select(ids >= num_segments, num_segments + 1, ids + 1))
         return cls(rows, num_segments, indices_are_sorted)
 
     def tree_flatten(self):
@@ -164,6 +166,38 @@ class Segments:
     def reduce(self, op, v, keepdims):
         table = op(v, self.rows, self.num_segments + 2, indices_are_sorted=self.indices_are_sorted)
         return self.per_entry(table) if keepdims else table
+
+
+def select(cond: jax.Array, on_true, on_false) -> jax.Array:
+    """``jnp.where(cond, on_true, on_false)`` for a boolean ``cond``, built on
+    ``lax.select``: broadcast, with a Python number taking the dtype of the
+    array beside it (as a weakly typed scalar does in jnp.where).
+
+    The edge semantics make dozens of selects per call, and ``jnp.where`` is
+    a jitted function of its own: each one is traced, linearized and
+    transposed as a nested program, which made tracing a derivative several
+    times slower than jax.nn's (BENCHMARKS.md).
+    """
+    arrays = [v for v in (on_true, on_false) if isinstance(v, jax.Array | np.ndarray)]
+    if not arrays:
+        raise TypeError("select: one of on_true and on_false must be an array, for its dtype")
+    shape = jnp.broadcast_shapes(jnp.shape(cond), *(jnp.shape(v) for v in arrays))
+    dtype = jnp.result_type(*arrays)
+    like = next(v for v in arrays if v.dtype == dtype)
+
+    def full(v):
+        if not isinstance(v, jax.Array | np.ndarray):
+            return lax.full_like(like, v, shape=shape)
+        v = v if v.dtype == dtype else lax.convert_element_type(v, dtype)
+        return _broadcast(v, shape)
+
+    return lax.select(_broadcast(cond, shape), full(on_true), full(on_false))
+
+
+def _broadcast(v, shape):
+    if jnp.shape(v) == shape:
+        return v
+    return lax.broadcast_in_dim(v, shape, tuple(range(len(shape) - jnp.ndim(v), len(shape))))
 
 
 @functools.lru_cache(maxsize=256)
@@ -217,10 +251,10 @@ def slice_shift(
     no derivative: everything built on z is invariant to it. float16 /
     bfloat16 ``x`` is reduced in its own dtype, where the max is exact."""
     if mask is not None:
-        x = jnp.where(mask, x, -INF)
+        x = select(mask, x, -INF)
     m = upcast(reduce_max(lax.stop_gradient(x), axes, keepdims))
-    shift = jnp.where(m == -INF, 0.0, m)
-    return shift if t is None else jnp.where(t >= 0, shift, jnp.nan)
+    shift = select(m == -INF, 0.0, m)
+    return shift if t is None else select(t >= 0, shift, jnp.nan)
 
 
 def shifted(x: jax.Array, shift: jax.Array, t: jax.Array | None = None, mask=None) -> jax.Array:
@@ -235,8 +269,8 @@ def shifted(x: jax.Array, shift: jax.Array, t: jax.Array | None = None, mask=Non
     """
     x = upcast(x)
     if mask is not None:
-        x = jnp.where(mask, x, -INF)
-    z = jnp.where(x == INF, 0.0, x - shift)
+        x = select(mask, x, -INF)
+    z = select(x == INF, 0.0, x - shift)
     if t is None:
         return z
     # Only finite z is divided (an infinite one would give the temperature an
@@ -244,9 +278,9 @@ def shifted(x: jax.Array, shift: jax.Array, t: jax.Array | None = None, mask=Non
     # constant: 0 on the maxima and -inf below them at t = 0, 0 at t = inf.
     finite = jnp.isfinite(z)
     moving = (t > 0) & (t < INF)
-    scaled = jnp.where(finite, z, 0.0) / jnp.where(moving, t, 1.0)
-    limit = jnp.where((t == 0) & (z != 0), -INF, 0.0)
-    return jnp.where(finite, jnp.where(moving, scaled, limit), z)
+    scaled = select(finite, z, 0.0) / select(moving, t, 1.0)
+    limit = select((t == 0) & (z != 0), -INF, jnp.zeros_like(z))
+    return select(finite, select(moving, scaled, limit), z)
 
 
 def logits(axes, x: jax.Array, t: jax.Array | None = None, mask=None):
@@ -284,7 +318,7 @@ def normaliser(z: jax.Array, axes, mean_z: bool = False, sums=()) -> Normaliser:
     jax.nn's single sum.
     """
     e = jnp.exp(z)
-    weighted = (e * jnp.where(z == -INF, 0.0, z),) if mean_z else ()
+    weighted = (e * select(z == -INF, 0.0, z),) if mean_z else ()
     extra = (*weighted, *sums)
     if z.dtype == jnp.float64:
         top, below, *extra = _split_sums(z, e, axes, True, *extra)
@@ -301,7 +335,7 @@ def log_probabilities(z: jax.Array, log_s: jax.Array) -> jax.Array:
     """log softmax from logits z and log normaliser ``log_s``: z - log s, -inf
     on excluded entries (with no derivative: z - log s would move with log s;
     a NaN normaliser still makes them NaN)."""
-    return jnp.where(z == -INF, -INF - lax.stop_gradient(log_s), z - log_s)
+    return select(z == -INF, -INF - lax.stop_gradient(log_s), z - log_s)
 
 
 def probabilities(z: jax.Array, s: jax.Array) -> jax.Array:
@@ -313,7 +347,7 @@ def probabilities(z: jax.Array, s: jax.Array) -> jax.Array:
 def safe_normaliser(s: jax.Array) -> jax.Array:
     """The normaliser with 0 (a slice with nothing included) replaced by 1,
     so that softmax is 0 and log_softmax -inf there."""
-    return jnp.where(s == 0, 1.0, s)
+    return select(s == 0, 1.0, s)
 
 
 def accurate_log_normaliser(
@@ -336,13 +370,13 @@ def _split_sums(z, e, axes, keepdims, *terms):
     caller (it builds its terms from it too)."""
     at_top = z == 0
     # exp(z) rather than 1 at the top: the same value, with z's derivative.
-    split = (jnp.where(at_top, e, 0.0), jnp.where(at_top, 0.0, e))
+    split = (select(at_top, e, 0.0), select(at_top, 0.0, e))
     return reduce_sums((*split, *terms), axes, keepdims)
 
 
 def _split_log_normaliser(top, below):
-    safe_top = jnp.where(top == 0, 1.0, top)
-    log_s = jnp.where(top == 0, 0.0, jnp.log(safe_top) + jnp.log1p(below / safe_top))
+    safe_top = select(top == 0, 1.0, top)
+    log_s = select(top == 0, 0.0, jnp.log(safe_top) + jnp.log1p(below / safe_top))
     # q = (s - k) / s with k the count at the top: below / s in value, and
     # top - k (exactly 0) carries the top's part of dq.
     moving_top = top - lax.stop_gradient(top)
@@ -359,8 +393,8 @@ def log_sum(shift: jax.Array, s: jax.Array, t: jax.Array | None) -> jax.Array:
     log_s = jnp.log(jnp.abs(safe_normaliser(s)))
     if t is not None:
         unit_at_inf = (t == INF) & (jnp.abs(s) == 1)
-        log_s = jnp.where(unit_at_inf, 0.0, t * log_s)
-    return jnp.where(s == 0, -INF, shift + log_s)
+        log_s = select(unit_at_inf, 0.0, t * log_s)
+    return select(s == 0, -INF, shift + log_s)
 
 
 def untempered_log_sum(axes, x: jax.Array, mask=None) -> tuple[jax.Array, jax.Array]:
@@ -374,10 +408,10 @@ def untempered_log_sum(axes, x: jax.Array, mask=None) -> tuple[jax.Array, jax.Ar
     :func:`logits` on every input, with the logits never stored.
     """
     shift = slice_shift(axes, x, None, mask)
-    shift = jnp.where(shift == INF, 0.0, shift)
+    shift = select(shift == INF, 0.0, shift)
     x = upcast(x)
     if mask is not None:
-        x = jnp.where(mask, x, -INF)
+        x = select(mask, x, -INF)
     s = reduce_sum(jnp.exp(x - shift), axes)
     return shift + jnp.log(s), jnp.sign(s)
 
@@ -391,16 +425,16 @@ def entropy(z: jax.Array, axes, keepdims: bool = True) -> jax.Array:
     # A product with 0 at z = -inf, not a select after it (whose cotangent
     # would meet 0 * -inf).
     e = jnp.exp(z)
-    top, below, ez = _split_sums(z, e, axes, keepdims, e * jnp.where(z == -INF, 0.0, z))
+    top, below, ez = _split_sums(z, e, axes, keepdims, e * select(z == -INF, 0.0, z))
     log_s, _ = _split_log_normaliser(top, below)
     s = top + below
-    return jnp.where(s == 0, 0.0, log_s - ez / safe_normaliser(s))
+    return select(s == 0, 0.0, log_s - ez / safe_normaliser(s))
 
 
 def inverse_temperature(t: jax.Array) -> jax.Array:
     """1 / t, with 1 / 0 taken as 0: the hard max does not move with x."""
     positive = t > 0
-    return jnp.where(positive, 1.0 / jnp.where(positive, t, 1.0), 0.0)
+    return select(positive, 1.0 / select(positive, t, 1.0), 0.0)
 
 
 def tangent_value(tangent) -> jax.Array | None:
@@ -425,5 +459,5 @@ def tangent_logits(z, t, dx, dt):
         return None
     dz = jnp.zeros_like(z) if dx is None else dx
     if dt is not None:
-        dz = dz - jnp.where(jnp.isfinite(z), z, 0.0) * dt
+        dz = dz - select(jnp.isfinite(z), z, 0.0) * dt
     return dz if t is None else dz * inverse_temperature(t)

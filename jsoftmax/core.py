@@ -157,12 +157,12 @@ def _log_softmax_jvp(primals, tangents):
         small = nz.reduce_sum((norm.q * e) * dz, axes)
         tangent = (dz - nz.reduce_sum(e * dz, axes)) + small
     # A select, not a product: an excluded entry's cotangent may be -inf.
-    return out, jnp.where(out == -INF, 0.0, tangent)
+    return out, nz.select(out == -INF, 0.0, tangent)
 
 
 def _log_softmax_tangent(axes, out, dz):
     tangent = dz - nz.reduce_sum(jnp.exp(out) * dz, axes)
-    return jnp.where(out == -INF, 0.0, tangent)
+    return nz.select(out == -INF, 0.0, tangent)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
@@ -230,8 +230,8 @@ def _logsumexp_parts(axes, x, t, mask, b):
         # With one unit of weight left, the limit at t = inf is the weighted
         # mean of the included entries (the shift when b = 1).
         unit_at_inf = (t == INF) & (jnp.abs(s) == 1)
-        x = jnp.where(mask, x, 0.0).astype(s.dtype)
-        lse = jnp.where(unit_at_inf, nz.reduce_sum(b * x, axes) / nz.safe_normaliser(s), lse)
+        x = nz.select(mask, x, 0.0).astype(s.dtype)
+        lse = nz.select(unit_at_inf, nz.reduce_sum(b * x, axes) / nz.safe_normaliser(s), lse)
     return lse, jnp.sign(s), z, s, shift
 
 
@@ -266,15 +266,15 @@ def _logsumexp_jvp(primals, tangents):
             log_s = jnp.log(jnp.abs(nz.safe_normaliser(s)))
             # z is -inf exactly where P is 0: a product with 0 there, not a
             # select after it (whose cotangent would meet 0 * -inf).
-            entropy = log_s - nz.reduce_sum(probs * jnp.where(z == -INF, 0.0, z), axes)
-            entropy = jnp.where(s == 0, 0.0, entropy)
+            entropy = log_s - nz.reduce_sum(probs * nz.select(z == -INF, 0.0, z), axes)
+            entropy = nz.select(s == 0, 0.0, entropy)
         out = out + entropy * dt
     if db is not None:
         # d lse / d b_i = t exp((x_i - shift) / t) / s, also where b_i = 0.
         diff = upcast(x) - shift
         if t is not None:
             diff = diff * nz.inverse_temperature(t)
-        w_all = jnp.exp(diff if mask is None else jnp.where(mask, diff, -INF))
+        w_all = jnp.exp(diff if mask is None else nz.select(mask, diff, -INF))
         scale = 1.0 if t is None else t
         out = out + scale * nz.reduce_sum(w_all * db, axes) / nz.safe_normaliser(s)
     return (lse, sign), (out, jnp.zeros_like(sign))
@@ -352,7 +352,7 @@ def _logsumexp_jit(axes, dtype, keepdims, return_sign, layout, x, t, mask, b):
     if not return_sign and b is not None:  # without b the sum is never negative
         # A select over a NaN constant; jax.nn wraps it the same way (jax-ml/jax#7634).
         with jax.debug_nans(False):
-            lse = jnp.where(sign < 0, jnp.nan, lse)
+            lse = nz.select(sign < 0, jnp.nan, lse)
     if not keepdims:
         lse, sign = jnp.squeeze(lse, tuple(axes)), jnp.squeeze(sign, tuple(axes))
     lse, sign = lse.astype(dtype), sign.astype(dtype)

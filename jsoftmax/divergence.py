@@ -30,7 +30,7 @@ __all__ = ["entropy", "kl_divergence"]
 def _finite(v: jax.Array) -> jax.Array:
     """``v`` with -inf replaced by 0: the log-probability of an excluded
     entry, made safe to multiply by its probability 0 (in both directions)."""
-    return jnp.where(v == -INF, 0.0, v)
+    return nz.select(v == -INF, 0.0, v)
 
 
 # --------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def _entropy_jvp(primals, tangents):
 
 def _entropy_tangent(axes, log_p, h, dz):
     safe = _finite(log_p)
-    weight = jnp.where(log_p == -INF, 0.0, jnp.exp(safe) * (safe + h))
+    weight = nz.select(log_p == -INF, 0.0, jnp.exp(safe) * (safe + h))
     return -nz.reduce_sum(weight * dz, axes)
 
 
@@ -134,7 +134,7 @@ def _kl_divergence(axes, xp, xq, t, mask):
     log_p = _log_probabilities(axes, xp, t, mask)[1]
     log_q = _log_probabilities(axes, xq, t, mask)[1]
     # 0 where p is 0, whatever q is; +inf where only q is 0.
-    terms = jnp.where(log_p == -INF, 0.0, jnp.exp(log_p) * (log_p - log_q))
+    terms = nz.select(log_p == -INF, 0.0, jnp.exp(log_p) * (log_p - log_q))
     return nz.reduce_sum(terms, axes)
 
 
@@ -158,18 +158,18 @@ def _kl_divergence_jvp(primals, tangents):
 
 def _kl_tangent(axes, log_p, log_q, kl, dzp, dzq):
     infinite = kl == INF
-    p = jnp.where(log_p == -INF, 0.0, jnp.exp(_finite(log_p)))
+    p = nz.select(log_p == -INF, 0.0, jnp.exp(_finite(log_p)))
     out = jnp.zeros_like(kl)
     if dzp is not None:
         # The coefficient is made finite before it multiplies the tangent:
         # its transpose would otherwise meet 0 * inf where KL is +inf.
-        gap = _finite(log_p) - _finite(log_q) - jnp.where(infinite, 0.0, kl)
+        gap = _finite(log_p) - _finite(log_q) - nz.select(infinite, 0.0, kl)
         out = out + nz.reduce_sum(p * gap * dzp, axes)
     if dzq is not None:
-        q = jnp.where(log_q == -INF, 0.0, jnp.exp(_finite(log_q)))
+        q = nz.select(log_q == -INF, 0.0, jnp.exp(_finite(log_q)))
         mass = (nz.reduce_max(log_p, axes) > -INF).astype(q.dtype)
         out = out - nz.reduce_sum((p - mass * q) * dzq, axes)
-    return jnp.where(infinite, 0.0, out)
+    return nz.select(infinite, 0.0, out)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))

@@ -41,6 +41,7 @@ from jsoftmax._checks import (
     weights_spec,
     widen_labels,
 )
+from jsoftmax._normalise import select
 from jsoftmax._xla_cpu import per_chunk
 from jsoftmax.core import AxisName
 
@@ -180,9 +181,9 @@ def _soft_cap(z, cap):
     if cap is None:
         return z, None
     on = _cap_on(cap)
-    c = jnp.where(on, cap, 1.0)
+    c = select(on, cap, 1.0)
     th = jnp.tanh(z / c)
-    return jnp.where(on, c * th, z), th
+    return select(on, c * th, z), th
 
 
 def _soft_cap_grads(z, th, cap):
@@ -190,8 +191,8 @@ def _soft_cap_grads(z, th, cap):
     on = _cap_on(cap)
     # 1 - tanh**2 as a product keeps a little more accuracy near |tanh| = 1.
     slope = (1.0 - th) * (1.0 + th)
-    u = z / jnp.where(on, cap, 1.0)
-    return jnp.where(on, slope, 1.0), jnp.where(on, th - u * slope, 0.0)
+    u = z / select(on, cap, 1.0)
+    return select(on, slope, 1.0), select(on, th - u * slope, 0.0)
 
 
 # --------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask):
     offset = _shard_offset(axis_name, v_local)
     if mask is not None:
         # Masked rows compute on zeros, so a NaN there cannot leak anywhere.
-        h = jnp.where(mask[:, None], h, jnp.zeros((), h.dtype))
+        h = select(mask[:, None], h, jnp.zeros((), h.dtype))
 
     def scaled(z):
         return z if inv_t is None else z * inv_t
@@ -230,15 +231,15 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask):
         w_c, bias_c = per_chunk(start, w, bias)
         y = scaled(_soft_cap(_linear(h, w_c, bias_c, start, size), cap)[0])
         m_new = jnp.maximum(m, jnp.max(y, axis=1))
-        shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        shift = select(jnp.isfinite(m_new), m_new, 0.0)
         cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
         hit = cols == labels[:, None]
-        terms = jnp.where(hit, 0.0, jnp.exp(y - shift[:, None]))
+        terms = select(hit, 0.0, jnp.exp(y - shift[:, None]))
         rest = rest * jnp.exp(m - shift) + jnp.sum(terms, axis=1)
         # The label's logit picked from the chunk: a gather of weight's
         # columns would need an [N, D] buffer, and this is the very value
         # the logsumexp sees.
-        y_label = y_label + jnp.sum(jnp.where(hit, y, 0.0), axis=1)
+        y_label = y_label + jnp.sum(select(hit, y, 0.0), axis=1)
         if cap is not None:
             # Capped logits are not linear in w: their sum is accumulated.
             y_sum = y_sum + jnp.sum(y, axis=1)
@@ -251,7 +252,7 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask):
     m, rest, y_label, y_sum = _over_chunks(step, carry, v_local, chunk)
     if axis_name is not None:
         m_global = lax.pmax(m, axis_name)
-        shift = jnp.where(jnp.isfinite(m_global), m_global, 0.0)
+        shift = select(jnp.isfinite(m_global), m_global, 0.0)
         rest = lax.psum(rest * jnp.exp(m - shift), axis_name)
         m = m_global
 
@@ -261,17 +262,17 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask):
     # lse - y_label = log(rest * exp(m - y_label) + 1). m - y_label is 0 when
     # the label is the maximum (both are the same chunk logit); when it is
     # far below, log(rest) + (m - y_label) avoids overflowing exp.
-    d = jnp.where(jnp.isfinite(m), m, 0.0) - y_label
+    d = select(jnp.isfinite(m), m, 0.0) - y_label
     near = d < 30.0
-    gap = jnp.where(
+    gap = select(
         near,
-        jnp.log1p(rest * jnp.exp(jnp.where(near, d, 0.0))),
-        d + jnp.log(rest + jnp.exp(-jnp.where(near, 30.0, d))),
+        jnp.log1p(rest * jnp.exp(select(near, d, 0.0))),
+        d + jnp.log(rest + jnp.exp(-select(near, 30.0, d))),
     )
     # The logsumexp itself from the max: y_label + gap would carry the rounding
     # of the label's logit (ulp of |y_label|) into every probability of the
     # backward pass, and a label far below the max has a large |y_label|.
-    top = jnp.where(jnp.isfinite(m), m, 0.0)
+    top = select(jnp.isfinite(m), m, 0.0)
     lse = top + jnp.log(rest + jnp.exp(y_label - top))
 
     if cap is None:
@@ -294,9 +295,9 @@ def _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab):
     lse - (1 - a) y_label - (a / V) y_sum + z lse**2, grouped so that the
     cross-entropy ``gap`` keeps its own precision."""
     loss = gap + alpha * (y_label - y_sum / vocab) + z_loss * lse * lse
-    loss = jnp.where(valid, loss, jnp.nan)
+    loss = select(valid, loss, jnp.nan)
     if mask is not None:
-        loss = jnp.where(mask, loss, 0.0)
+        loss = select(mask, loss, 0.0)
     return loss
 
 
@@ -323,10 +324,10 @@ def _fused_fwd(chunk, axis_name, h, w, bias, labels, t, cap, mask, alpha, z_loss
     loss = _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab)
     if t is not None:
         ok = (t > 0) & jnp.isfinite(t)
-        loss = jnp.where(ok.reshape(ok.shape[:1]) if ok.ndim else ok, loss, jnp.nan)
+        loss = select(ok.reshape(ok.shape[:1]) if ok.ndim else ok, loss, jnp.nan)
     if cap is not None:
         # A traced negative or NaN cap: NaN, as for an invalid temperature.
-        loss = jnp.where(cap >= 0, loss, jnp.nan)
+        loss = select(cap >= 0, loss, jnp.nan)
     residuals = (h, w, bias, labels, t, cap, mask, alpha, z_loss, lse, y_label, y_sum, valid)
     return loss, residuals
 
@@ -350,10 +351,10 @@ def _fused_bwd(chunk, axis_name, residuals, g):
     g = g.astype(acc)
     # d loss / d y_j = g * ((1 + 2 z lse) p_j - (1 - alpha) [j == label] - alpha / V)
     # An out-of-range label: NaN loss, zero gradient, as in the unfused loss.
-    g = jnp.where(valid, g, 0.0)
+    g = select(valid, g, 0.0)
     if mask is not None:
-        g = jnp.where(mask, g, 0.0)
-        h = jnp.where(mask[:, None], h, jnp.zeros((), h.dtype))
+        g = select(mask, g, 0.0)
+        h = select(mask[:, None], h, jnp.zeros((), h.dtype))
     a = (g * (1 + 2 * z_loss * lse))[:, None]
     b = (g * (1 - alpha))[:, None]
     e = (g * (alpha / vocab))[:, None]
@@ -373,7 +374,7 @@ def _fused_bwd(chunk, axis_name, residuals, g):
         y = capped if inv_t is None else capped * row_inv_t
         p = jnp.exp(y - lse_col)
         cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
-        dy = a * p - jnp.where(cols == labels[:, None], b, 0.0) - e
+        dy = a * p - select(cols == labels[:, None], b, 0.0) - e
         if inv_t is not None:
             dy = dy * row_inv_t
             ty = ty + jnp.sum(dy * y, axis=1)
@@ -434,7 +435,7 @@ def _reduce(loss, mask, weights, reduction):
         loss = loss * weights
         if mask is not None:
             # An excluded example contributes nothing, whatever its weight.
-            loss = jnp.where(mask, loss, 0.0)
+            loss = select(mask, loss, 0.0)
     if reduction == "none":
         return loss
     total = jnp.sum(loss)
@@ -442,11 +443,11 @@ def _reduce(loss, mask, weights, reduction):
         return total
     count = jnp.ones(loss.shape, loss.dtype) if weights is None else weights
     if mask is not None:
-        count = jnp.where(mask, count, 0.0)
+        count = select(mask, count, 0.0)
     count = jnp.sum(count)
     # Nothing included (or zero total weight): 0 with zero gradients, not 0 / 0.
     empty = count == 0
-    return jnp.where(empty, 0.0, total / jnp.where(empty, 1.0, count))
+    return select(empty, 0.0, total / select(empty, 1.0, count))
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))

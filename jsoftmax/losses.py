@@ -124,7 +124,7 @@ def _dense_terms(x, labels, t, mask, shift, norm):
     z = nz.shifted(x, shift, t, mask)
     probs = nz.probabilities(z, norm.s)
     surprisal = -nz.log_probabilities(z, norm.log_s)
-    kept = labels if mask is None else jnp.where(mask, labels, 0.0)
+    kept = labels if mask is None else nz.select(mask, labels, 0.0)
     return probs, surprisal, kept
 
 
@@ -135,10 +135,10 @@ def _dense_parts(axes, x, labels, t, mask, mean_z=False):
     shift = nz.slice_shift(axes, x, t, mask)
     norm = nz.normaliser(nz.shifted(x, shift, t, mask), axes, mean_z)
     _, surprisal, kept = _dense_terms(x, labels, t, mask, shift, norm)
-    terms = jnp.where(kept == 0, 0.0, kept * surprisal)
+    terms = nz.select(kept == 0, 0.0, kept * surprisal)
     loss = nz.reduce_sum(terms, axes, keepdims=False)
     nothing = jnp.squeeze(norm.s == 0, tuple(axes))
-    return jnp.where(nothing, 0.0, loss), shift, norm
+    return nz.select(nothing, 0.0, loss), shift, norm
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -159,10 +159,10 @@ def _dense_tangent(axes, x, labels, t, mask, shift, norm, dx, dlabels):
     dz = nz.tangent_logits(nz.shifted(x, shift, t, mask), t, dx, None)
     if dz is not None:
         mass = nz.reduce_sum(kept, axes)
-        out = out + nz.reduce_sum(jnp.where(included, mass * probs - kept, 0.0) * dz, axes)
+        out = out + nz.reduce_sum(nz.select(included, mass * probs - kept, 0.0) * dz, axes)
     if dlabels is not None:
-        dl = dlabels if mask is None else jnp.where(mask, dlabels, 0.0)
-        out = out + nz.reduce_sum(jnp.where(included, surprisal, 0.0) * dl, axes)
+        dl = dlabels if mask is None else nz.select(mask, dlabels, 0.0)
+        out = out + nz.reduce_sum(nz.select(included, surprisal, 0.0) * dl, axes)
     return jnp.squeeze(out, tuple(axes))
 
 
@@ -171,13 +171,13 @@ def _dense_dt(axes, labels, t, mask, norm, loss):
     with sum_j l_j z_j = L log s - loss: one number per example (keepdims),
     computed in the forward pass (reverse mode in t keeps nothing of the
     logits' shape)."""
-    kept = labels if mask is None else jnp.where(mask, labels, 0.0)
+    kept = labels if mask is None else nz.select(mask, labels, 0.0)
     mass = nz.reduce_sum(kept, axes)
     infinite = jnp.expand_dims(jnp.isinf(loss), tuple(axes))
-    label_z = mass * norm.log_s - jnp.where(infinite, 0.0, jnp.expand_dims(loss, tuple(axes)))
+    label_z = mass * norm.log_s - nz.select(infinite, 0.0, jnp.expand_dims(loss, tuple(axes)))
     dt = -(mass * norm.mean_z - label_z) * nz.inverse_temperature(t)
     # An infinite loss is a constant: its coefficient is 0, not inf or NaN.
-    return jnp.where(infinite, 0.0, dt)
+    return nz.select(infinite, 0.0, dt)
 
 
 @partial(_dense_cross_entropy.defjvp, symbolic_zeros=True)
@@ -196,7 +196,7 @@ def _dense_cross_entropy_jvp(axes, primals, tangents):
         coefficient = _dense_dt(axes, labels, t, mask, norm, loss)
         out = out + jnp.squeeze(coefficient * dt, tuple(axes))
     # 0 * out keeps a NaN of the example NaN.
-    return loss, jnp.where(jnp.isinf(loss), 0.0 * out, out)
+    return loss, nz.select(jnp.isinf(loss), 0.0 * out, out)
 
 
 def _smoothed(axes, labels, mask, alpha):
@@ -334,7 +334,7 @@ def _kept_weights(axes, shape, mask):
         count = count if name is None else count * lax.axis_size(name)
         return jnp.full(shape, 1.0 / count, jnp.float32)
     count = nz.reduce_sum(mask.astype(jnp.float32), axes)
-    return jnp.where(mask, 1.0 / nz.safe_normaliser(count), 0.0)
+    return nz.select(mask, 1.0 / nz.safe_normaliser(count), 0.0)
 
 
 def _integer_parts(axes, x, labels, t, mask, alpha, mean_z=False):
@@ -347,7 +347,7 @@ def _integer_parts(axes, x, labels, t, mask, alpha, mean_z=False):
     holds a label's class contributes its logit through a psum.
     """
     local, here, valid = _label_index(axes, x.shape[-1], labels)
-    index = jnp.where(here, local, 0)[..., None]
+    index = nz.select(here, local, 0)[..., None]
     shift = nz.slice_shift(axes, x, t, mask)
     z = nz.shifted(x, shift, t, mask)
     smoothing = ()
@@ -356,7 +356,7 @@ def _integer_parts(axes, x, labels, t, mask, alpha, mean_z=False):
         # over the kept classes, each term divided by K first (no overflow);
         # masked-out classes (z = -inf, weight 0) are absent. Summed in the
         # normaliser's pass over z.
-        kept_z = z if mask is None else jnp.where(mask, z, 0.0)
+        kept_z = z if mask is None else nz.select(mask, z, 0.0)
         smoothing = (kept_z * _kept_weights(axes, x.shape, mask),)
     norm = nz.normaliser(z, axes, mean_z, smoothing)
     x_y = jnp.take_along_axis(x, index, axis=-1)
@@ -366,8 +366,8 @@ def _integer_parts(axes, x, labels, t, mask, alpha, mean_z=False):
     log_p_y = nz.log_probabilities(z_y, norm.log_s)
     name = getattr(axes, "axis_name", None)
     if name is not None:
-        z_y = lax.psum(jnp.where(here[..., None], z_y, 0.0), name)
-        log_p_y = lax.psum(jnp.where(here[..., None], log_p_y, 0.0), name)
+        z_y = lax.psum(nz.select(here[..., None], z_y, 0.0), name)
+        log_p_y = lax.psum(nz.select(here[..., None], log_p_y, 0.0), name)
     cross_entropy = -log_p_y
     valid = valid[..., None]
     smooth = None
@@ -375,10 +375,10 @@ def _integer_parts(axes, x, labels, t, mask, alpha, mean_z=False):
     if alpha is not None:
         smooth = norm.log_s - norm.sums[0]
         # A term of weight 0 is absent (0 * inf counts as 0).
-        loss = jnp.where(alpha == 1, 0.0, (1.0 - alpha) * cross_entropy) + jnp.where(
+        loss = nz.select(alpha == 1, 0.0, (1.0 - alpha) * cross_entropy) + nz.select(
             alpha == 0, 0.0, alpha * smooth
         )
-    loss = jnp.where(norm.s == 0, 0.0, jnp.where(valid, loss, jnp.nan))
+    loss = nz.select(norm.s == 0, 0.0, nz.select(valid, loss, jnp.nan))
     return loss, x_y, z_y, valid, shift, norm, cross_entropy, smooth
 
 
@@ -397,7 +397,7 @@ def _integer_tangent(axes, x, labels, t, mask, alpha, shift, s, dx):
     z = nz.shifted(x, shift, t, mask)
     probs = nz.probabilities(z, s)
     dz = nz.tangent_logits(z, t, dx, None)
-    coefficient = jnp.where(z == -INF, 0.0, probs - _target(axes, x, labels, mask, alpha))
+    coefficient = nz.select(z == -INF, 0.0, probs - _target(axes, x, labels, mask, alpha))
     return nz.reduce_sum(coefficient * dz, axes)
 
 
@@ -407,13 +407,13 @@ def _integer_dt(t, alpha, norm, z_y, smooth, loss, valid):
     logit (log s - smooth). One number per example, computed in the forward
     pass; 0 where the loss is a constant (infinite, nothing included, a
     label out of range), and a term of weight 0 is absent (0 * inf is 0)."""
-    z_y = jnp.where(jnp.isfinite(z_y), z_y, 0.0)
+    z_y = nz.select(jnp.isfinite(z_y), z_y, 0.0)
     target = z_y
     if alpha is not None:
-        target = (1.0 - alpha) * z_y + jnp.where(alpha == 0, 0.0, alpha * (norm.log_s - smooth))
+        target = (1.0 - alpha) * z_y + nz.select(alpha == 0, 0.0, alpha * (norm.log_s - smooth))
     coefficient = -(norm.mean_z - target) * nz.inverse_temperature(t)
     constant = jnp.isinf(loss) | (norm.s == 0) | ~valid
-    return jnp.where(constant, 0.0, coefficient)
+    return nz.select(constant, 0.0, coefficient)
 
 
 @partial(_integer_cross_entropy.defjvp, symbolic_zeros=True)
@@ -434,14 +434,14 @@ def _integer_cross_entropy_jvp(axes, primals, tangents):
         # with respect to t keeps nothing of the logits' shape.
         out = out + _integer_dt(t, alpha, norm, z_y, smooth, loss, valid) * dt
     if dalpha is not None:
-        out = out + jnp.where(norm.s == 0, 0.0, smooth - cross_entropy) * dalpha
+        out = out + nz.select(norm.s == 0, 0.0, smooth - cross_entropy) * dalpha
     # The loss is a constant where it is infinite, where the label's logit is
     # infinite and where the label is out of range; 0 * out there keeps a NaN
     # of the example NaN.
     moves = valid & jnp.isfinite(x_y) & ~jnp.isinf(loss)
     if getattr(axes, "axis_name", None) is not None:
         moves = valid & jnp.isfinite(cross_entropy) & ~jnp.isinf(loss)
-    return loss, jnp.where(moves, out, 0.0 * out)
+    return loss, nz.select(moves, out, 0.0 * out)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))

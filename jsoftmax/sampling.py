@@ -50,7 +50,7 @@ def _sample(key, x, mask, t, top_k, top_p):
     if mask is not None:
         kept = kept & mask
     poisoned = jnp.any(kept & jnp.isnan(x), -1)
-    scores = jnp.where(kept & ~jnp.isnan(x), x, -_INF)
+    scores = nz.select(kept & ~jnp.isnan(x), x, -_INF)
     if top_k is not None:
         # The k largest logits, sorted (ties: the lower index first).
         scores, index = jax.lax.top_k(scores, top_k)
@@ -77,17 +77,17 @@ def _sample(key, x, mask, t, top_k, top_p):
         first = jnp.arange(scores.shape[-1]) == 0
         live = live & ((before < top_p) | first)
     noise = jax.random.gumbel(key, scores.shape, scores.dtype)
-    drawn = jnp.argmax(jnp.where(live, log_probs + noise, -_INF), -1)
+    drawn = jnp.argmax(nz.select(live, log_probs + noise, -_INF), -1)
     if t is not None:
         # t = 0 is greedy: the first maximum, without noise.
         is_greedy = (t == 0)[..., 0] if t.ndim else t == 0
-        drawn = jnp.where(is_greedy, jnp.argmax(scores, -1), drawn)
+        drawn = nz.select(is_greedy, jnp.argmax(scores, -1), drawn)
     if index is not None:
         drawn = jnp.take_along_axis(index, drawn[..., None], -1)[..., 0]
     empty = ~jnp.any(live, -1) | poisoned
     if t is not None:  # a traced negative or NaN temperature: nothing to draw
         empty = empty | ~((t >= 0)[..., 0] if t.ndim else t >= 0)
-    return jnp.where(empty, -1, drawn).astype(jnp.int32)
+    return nz.select(empty, -1, drawn).astype(jnp.int32)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
@@ -230,11 +230,11 @@ def _gumbel_softmax(key, x, mask, t, hard):
     kept = perturbed != -_INF
     if mask is not None:
         kept = kept & mask
-    scores = jnp.where(kept, perturbed, -_INF)
+    scores = nz.select(kept, perturbed, -_INF)
     winner = jnp.argmax(scores, -1)
     one_hot = jax.nn.one_hot(winner, x.shape[-1], dtype=x.dtype)
-    one_hot = jnp.where(jnp.any(kept, -1, keepdims=True), one_hot, 0.0)
-    one_hot = jnp.where(jnp.isnan(soft), jnp.nan, one_hot)
+    one_hot = nz.select(jnp.any(kept, -1, keepdims=True), one_hot, 0.0)
+    one_hot = nz.select(jnp.isnan(soft), jnp.nan, one_hot)
     # Straight-through: the value of the one-hot, the gradient of the soft sample.
     return one_hot + (soft - jax.lax.stop_gradient(soft))
 

@@ -106,7 +106,7 @@ def _per_entry_jit(fn, excluded, num_segments, indices_are_sorted, dtype, layout
     out = fn(seg, x, t_entries, mask)
     # A select on the output: masking these entries' input instead costs
     # a second pass of the segment reductions on XLA:CPU.
-    return jnp.where(seg.members(x.ndim), out, excluded).astype(dtype)
+    return nz.select(seg.members(x.ndim), out, excluded).astype(dtype)
 
 
 _DOC_ARGS = """
