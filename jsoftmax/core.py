@@ -124,7 +124,7 @@ def softmax(
 def _log_softmax_parts(axes, x, t, mask):
     z, _ = nz.logits(axes, x, t, mask)
     norm = nz.normaliser(z, axes)
-    return nz.log_probabilities(z, norm.log_s), norm
+    return nz.log_probabilities(z, norm.log_s), z, norm
 
 
 @jax.custom_jvp
@@ -137,32 +137,31 @@ def _log_softmax_jvp(primals, tangents):
     """d log_softmax = dz - sum(softmax * dz), 0 on excluded entries.
 
     Where the normaliser carries q = 1 - 1/s (float64), sum(softmax * dz) =
-    sum(e dz) - sum(q e dz) with e = exp(log_softmax) s, 1 at the maxima.
-    Kept as two sums, reverse mode forms (g - e G) + q e G: the cancellation
-    at the maximum happens before the small term is added, so 1 - softmax_max
+    sum(e dz) - sum(q e dz) with e = exp(z), 1 at the maxima. Kept as two
+    sums, reverse mode forms (g - e G) + q e G: the cancellation at the
+    maximum happens before the small term is added, so 1 - softmax_max
     survives below an ulp of 1 (jax-ml/jax#40384).
     """
     axes, x, t, mask = primals
     dx, dt = nz.tangent_value(tangents[1]), nz.tangent_value(tangents[2])
-    out, norm = _log_softmax_parts(axes, x, t, mask)
-    z = None if dt is None else nz.logits(axes, x, t, mask)[0]
+    out, z, norm = _log_softmax_parts(axes, x, t, mask)
     dz = nz.tangent_logits(z, t, dx, dt)
     if dz is None:
         return out, jnp.zeros_like(out)
     if norm.q is None:
-        # Checkpointed: reverse mode keeps only ``out``.
-        return out, jax.checkpoint(_log_softmax_tangent, prevent_cse=False)(axes, out, dz)
-    else:
-        e = jnp.exp(nz.logits(axes, x, t, mask)[0] if z is None else z)
-        small = nz.reduce_sum((norm.q * e) * dz, axes)
-        tangent = (dz - nz.reduce_sum(e * dz, axes)) + small
+        # Checkpointed: reverse mode keeps only z and log s.
+        tangent = jax.checkpoint(_log_softmax_tangent, prevent_cse=False)
+        return out, tangent(axes, z, norm.log_s, dz)
+    e = jnp.exp(z)
+    small = nz.reduce_sum((norm.q * e) * dz, axes)
+    tangent = (dz - nz.reduce_sum(e * dz, axes)) + small
     # A select, not a product: an excluded entry's cotangent may be -inf.
     return out, nz.select(out == -INF, 0.0, tangent)
 
 
-def _log_softmax_tangent(axes, out, dz):
-    tangent = dz - nz.reduce_sum(jnp.exp(out) * dz, axes)
-    return nz.select(out == -INF, 0.0, tangent)
+def _log_softmax_tangent(axes, z, log_s, dz):
+    tangent = dz - nz.reduce_sum(jnp.exp(z - log_s) * dz, axes)
+    return nz.select(z == -INF, 0.0, tangent)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
