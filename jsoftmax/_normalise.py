@@ -274,13 +274,11 @@ def shifted(x: jax.Array, shift: jax.Array, t: jax.Array | None = None, mask=Non
     if t is None:
         return z
     # Only finite z is divided (an infinite one would give the temperature an
-    # infinite derivative). At t = 0 and t = inf it takes the limit instead, a
-    # constant: 0 on the maxima and -inf below them at t = 0, 0 at t = inf.
+    # infinite derivative). t = inf gives 0 on every finite entry; t = 0 is
+    # taken as the constant inf there too, with -inf below the maxima.
     finite = jnp.isfinite(z)
-    moving = (t > 0) & (t < INF)
-    scaled = select(finite, z, 0.0) / select(moving, t, 1.0)
-    limit = select((t == 0) & (z != 0), -INF, jnp.zeros_like(z))
-    return select(finite, select(moving, scaled, limit), z)
+    scaled = select(finite, z, 0.0) / select(t > 0, t, INF)
+    return select(finite, select((t == 0) & (z != 0), -INF, scaled), z)
 
 
 def logits(axes, x: jax.Array, t: jax.Array | None = None, mask=None):
