@@ -9,6 +9,8 @@ Measured with jax 0.10.2.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -45,18 +47,30 @@ def sums(values: tuple[jax.Array, ...], axes: tuple[int, ...]) -> tuple[jax.Arra
     fused by XLA itself, producers and all. Elsewhere, one sum each.
     """
     axes = tuple(axes)
-
-    def variadic(*values):
-        zeros = tuple(jnp.zeros((), v.dtype) for v in values)
-        out = lax.reduce(values, zeros, _add, axes)
-        return tuple(jnp.expand_dims(o, axes) for o in out)
-
-    def separate(*values):
-        return tuple(jnp.sum(v, axis=axes, keepdims=True) for v in values)
-
     if len(values) == 1:
-        return separate(*values)
-    return lax.platform_dependent(*values, cpu=variadic, default=separate)
+        return _separate(axes, *values)
+    return lax.platform_dependent(
+        *values, cpu=partial(_variadic, axes), default=partial(_separate, axes)
+    )
+
+
+def _separate(axes, *values):
+    return tuple(jnp.sum(v, axis=axes, keepdims=True) for v in values)
+
+
+# lax.reduce's JVP rule fails on a symbolic-zero tangent (a value that does
+# not depend on the differentiated input; as reduce_window's did,
+# jax-ml/jax#32548), so the sums carry their own: a sum is linear.
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _variadic(axes, *values):
+    zeros = tuple(jnp.zeros((), v.dtype) for v in values)
+    out = lax.reduce(values, zeros, _add, axes)
+    return tuple(jnp.expand_dims(o, axes) for o in out)
+
+
+@_variadic.defjvp
+def _variadic_jvp(axes, primals, tangents):
+    return _variadic(axes, *primals), _separate(axes, *tangents)
 
 
 def _add(a, b):

@@ -124,50 +124,58 @@ def entropy(
 # --------------------------------------------------------------------------
 
 
-def _log_probabilities(axes, x, t, mask):
-    z, _ = nz.logits(axes, x, t, mask)
-    return z, nz.log_probabilities(z, nz.normaliser(z, axes).log_s)
+def _kl_parts(axes, xp, xq, t, mask):
+    """``(kl, zp, zq, log s_p, log s_q, |p|)`` keepdims, with
+    KL = sum(exp(zp) (zp - zq)) / s_p - log s_p + log s_q and |p| = sum p
+    (1, or 0 for a slice with nothing included in p)."""
+    zp, _ = nz.logits(axes, xp, t, mask)
+    zq, _ = nz.logits(axes, xq, t, mask)
+    # 0 where p is 0, whatever q is; +inf where only q is 0 (also where p's
+    # probability underflows: it is not 0).
+    cross = nz.select(zq == -INF, INF, jnp.exp(zp) * (zp - zq))
+    cross = nz.select(zp == -INF, 0.0, cross)
+    norm = nz.normaliser(zp, axes)
+    s_q, weighted = nz.reduce_sum(jnp.exp(zq), axes), nz.reduce_sum(cross, axes)
+    log_s_q = jnp.log(nz.safe_normaliser(s_q))
+    mass = (norm.s > 0).astype(zp.dtype)
+    kl = weighted / nz.safe_normaliser(norm.s) - norm.log_s + log_s_q
+    return nz.select(norm.s == 0, 0.0, kl), zp, zq, norm.log_s, log_s_q, mass
 
 
 @jax.custom_jvp
 def _kl_divergence(axes, xp, xq, t, mask):
-    log_p = _log_probabilities(axes, xp, t, mask)[1]
-    log_q = _log_probabilities(axes, xq, t, mask)[1]
-    # 0 where p is 0, whatever q is; +inf where only q is 0.
-    terms = nz.select(log_p == -INF, 0.0, jnp.exp(log_p) * (log_p - log_q))
-    return nz.reduce_sum(terms, axes)
+    return _kl_parts(axes, xp, xq, t, mask)[0]
 
 
 @partial(_kl_divergence.defjvp, symbolic_zeros=True)
 def _kl_divergence_jvp(primals, tangents):
     """dKL = sum p (log p - log q - KL) dz_p - sum (p - |p| q) dz_q, with
-    |p| = sum p (1, or 0 for an empty slice) and dz = (dx - z dt) / t.
-    Zero where KL is +inf (no finite direction changes it)."""
+    dz = (dx - z dt) / t. Zero where KL is +inf (no finite direction changes
+    it). Checkpointed on both logits: reverse mode keeps two input-sized
+    arrays."""
     axes, xp, xq, t, mask = primals
     dxp, dxq, dt = (nz.tangent_value(v) for v in tangents[1:4])
-    zp, log_p = _log_probabilities(axes, xp, t, mask)
-    zq, log_q = _log_probabilities(axes, xq, t, mask)
-    kl = _kl_divergence(axes, xp, xq, t, mask)
+    kl, zp, zq, log_s_p, log_s_q, mass = _kl_parts(axes, xp, xq, t, mask)
     dzp = nz.tangent_logits(None if dt is None else zp, t, dxp, dt)
     dzq = nz.tangent_logits(None if dt is None else zq, t, dxq, dt)
     if dzp is None and dzq is None:
         return kl, jnp.zeros_like(kl)
-    tangent = jax.checkpoint(_kl_tangent, prevent_cse=False)(axes, log_p, log_q, kl, dzp, dzq)
-    return kl, tangent
+    tangent = jax.checkpoint(_kl_tangent, prevent_cse=False)
+    return kl, tangent(axes, zp, zq, log_s_p, log_s_q, mass, kl, dzp, dzq)
 
 
-def _kl_tangent(axes, log_p, log_q, kl, dzp, dzq):
+def _kl_tangent(axes, zp, zq, log_s_p, log_s_q, mass, kl, dzp, dzq):
     infinite = kl == INF
-    p = nz.select(log_p == -INF, 0.0, jnp.exp(_finite(log_p)))
+    p = jnp.exp(zp - log_s_p)  # 0 where p is excluded
     out = jnp.zeros_like(kl)
     if dzp is not None:
-        # The coefficient is made finite before it multiplies the tangent:
+        # log p - log q - KL, made finite before it multiplies the tangent:
         # its transpose would otherwise meet 0 * inf where KL is +inf.
-        gap = _finite(log_p) - _finite(log_q) - nz.select(infinite, 0.0, kl)
+        offset = nz.select(infinite, 0.0, log_s_p - log_s_q + kl)
+        gap = _finite(zp) - _finite(zq) - offset
         out = out + nz.reduce_sum(p * gap * dzp, axes)
     if dzq is not None:
-        q = nz.select(log_q == -INF, 0.0, jnp.exp(_finite(log_q)))
-        mass = (nz.reduce_max(log_p, axes) > -INF).astype(q.dtype)
+        q = jnp.exp(zq - log_s_q)
         out = out - nz.reduce_sum((p - mass * q) * dzq, axes)
     return nz.select(infinite, 0.0, out)
 

@@ -220,6 +220,7 @@ def test_kl_matches_optax_on_ordinary_inputs(pair):
         ([0.0, 0.0, -INF], [0.0, 0.0, -INF], None, 0.0),  # both exclude the entry
         ([0.0, 0.0, -INF], [0.0, 0.0, INF], None, INF),  # q's +inf takes all its mass
         ([0.0, 1.0, -INF], [0.0, -INF, 3.0], None, INF),  # included in p, -inf in q
+        ([0.0, -200.0], [0.0, -INF], None, INF),  # p's exp underflows there, yet p > 0
         ([1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [False] * 3, 0.0),  # nothing included
         ([-INF, -INF], [0.0, 1.0], None, 0.0),  # p has nothing included
         ([0.0, 1.0, 2.0], [5.0, 1.0, 9.0], [True, True, False], None),

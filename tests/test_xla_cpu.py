@@ -67,3 +67,19 @@ def test_sums_of_one_value_and_under_vmap_and_grad():
     gu, gv = grad(jnp.ones((4, 6)), jnp.ones((4, 6)))
     np.testing.assert_array_equal(gu, jnp.broadcast_to(w, (4, 6)))
     np.testing.assert_array_equal(gv, jnp.broadcast_to(2 * w, (4, 6)))
+
+
+def test_sums_differentiate_with_a_value_that_does_not_move():
+    # One value is a constant of the differentiated function: its tangent is
+    # a symbolic zero, which lax.reduce's own JVP rule does not accept.
+    a = jnp.arange(6.0).reshape(2, 3)
+    const = jnp.ones((2, 3))
+    f = lambda u: _xla_cpu.sums((u * u, const), (1,))
+    (sq, ones), (dsq, dones) = jax.jvp(f, (a,), (jnp.ones_like(a),))
+    np.testing.assert_array_equal(sq[:, 0], [5.0, 50.0])
+    np.testing.assert_array_equal(ones[:, 0], [3.0, 3.0])
+    np.testing.assert_array_equal(dsq[:, 0], [6.0, 24.0])  # sum(2 a)
+    np.testing.assert_array_equal(dones, 0.0)
+    # Forward over reverse (jax.hessian): d2 sum(u^2) / du2 = 2 I per slice.
+    hess = jax.hessian(lambda u: jnp.sum(f(u)[0]))(a)
+    np.testing.assert_array_equal(hess.reshape(6, 6), 2 * np.eye(6))
