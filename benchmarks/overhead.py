@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/overhead.py [--quick] [--json FILE] [--only NAME]
-                                  [--eager-only | --compile-only]
+                                  [--eager-only | --compile-only] [--compile-reps N]
 
 Two measurements for every public function, each side by side with the
 function it replaces (or, where there is none, with one jitted call of the
@@ -333,8 +333,12 @@ def main(argv=None) -> dict:
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--eager-only", action="store_true", help="skip the compile times")
     only.add_argument("--compile-only", action="store_true", help="skip the eager times")
+    parser.add_argument("--compile-reps", type=int, default=None, metavar="N",
+                        help="cold compiles per function and reference (default 3, quick 1)")
     args = parser.parse_args(argv)
     eager_reps, calls, compile_reps = (2, 5, 1) if args.quick else (10, 200, 3)
+    if args.compile_reps is not None:
+        compile_reps = args.compile_reps
     shape = QUICK_COMPILE_SHAPE if args.quick else FULL_COMPILE_SHAPE
     hidden = QUICK_HIDDEN if args.quick else HIDDEN
     rng = np.random.default_rng(0)
