@@ -117,6 +117,11 @@ def _alpha(alpha, dtype):
 # --------------------------------------------------------------------------
 
 
+def _kept_labels(labels, mask):
+    """The labels with the classes that ``where`` drops set to 0."""
+    return labels if mask is None else nz.select(mask, labels, 0.0)
+
+
 def _dense_terms(x, labels, t, mask, shift, norm):
     """``(probs, surprisal, kept_labels)`` of slices with ``shift`` and
     normaliser ``norm``: softmax, -log softmax (+inf on excluded classes) and
@@ -124,8 +129,7 @@ def _dense_terms(x, labels, t, mask, shift, norm):
     z = nz.shifted(x, shift, t, mask)
     probs = nz.probabilities(z, norm.s)
     surprisal = -nz.log_probabilities(z, norm.log_s)
-    kept = labels if mask is None else nz.select(mask, labels, 0.0)
-    return probs, surprisal, kept
+    return probs, surprisal, _kept_labels(labels, mask)
 
 
 def _dense_parts(axes, x, labels, t, mask, mean_z=False):
@@ -171,8 +175,7 @@ def _dense_dt(axes, labels, t, mask, norm, loss):
     with sum_j l_j z_j = L log s - loss: one number per example (keepdims),
     computed in the forward pass (reverse mode in t keeps nothing of the
     logits' shape)."""
-    kept = labels if mask is None else nz.select(mask, labels, 0.0)
-    mass = nz.reduce_sum(kept, axes)
+    mass = nz.reduce_sum(_kept_labels(labels, mask), axes)
     infinite = jnp.expand_dims(jnp.isinf(loss), tuple(axes))
     label_z = mass * norm.log_s - nz.select(infinite, 0.0, jnp.expand_dims(loss, tuple(axes)))
     dt = -(mass * norm.mean_z - label_z) * nz.inverse_temperature(t)
