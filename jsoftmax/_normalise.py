@@ -170,28 +170,31 @@ class Segments:
 
 def select(cond: jax.Array, on_true, on_false) -> jax.Array:
     """``jnp.where(cond, on_true, on_false)`` for a boolean ``cond``, built on
-    ``lax.select``: broadcast, with a Python number taking the dtype of the
-    array beside it (as a weakly typed scalar does in jnp.where).
+    ``lax.select``: broadcast, in jnp.where's dtype (a Python number is
+    weakly typed), and weakly typed where the array that gives that dtype is.
+    At least one branch must be an array.
 
     The edge semantics make dozens of selects per call, and ``jnp.where`` is
     a jitted function of its own: each one is traced, linearized and
-    transposed as a nested program, which made tracing a derivative several
-    times slower than jax.nn's (BENCHMARKS.md).
+    transposed as a nested program, which made tracing and lowering the
+    derivative of a tempered log_softmax 1.4x as slow (BENCHMARKS.md).
     """
-    arrays = [v for v in (on_true, on_false) if isinstance(v, jax.Array | np.ndarray)]
-    if not arrays:
+    is_array = [isinstance(v, jax.Array | np.ndarray) for v in (on_true, on_false)]
+    if not any(is_array):
         raise TypeError("select: one of on_true and on_false must be an array, for its dtype")
+    arrays = [v for v, a in zip((on_true, on_false), is_array, strict=True) if a]
     shape = jnp.broadcast_shapes(jnp.shape(cond), *(jnp.shape(v) for v in arrays))
-    dtype = jnp.result_type(*arrays)
-    like = next(v for v in arrays if v.dtype == dtype)
-
-    def full(v):
-        if not isinstance(v, jax.Array | np.ndarray):
-            return lax.full_like(like, v, shape=shape)
-        v = v if v.dtype == dtype else lax.convert_element_type(v, dtype)
-        return _broadcast(v, shape)
-
-    return lax.select(_broadcast(cond, shape), full(on_true), full(on_false))
+    dtype = jnp.result_type(on_true, on_false)  # a Python number is weakly typed
+    branches = [
+        lax.convert_element_type(v, dtype) if a and v.dtype != dtype else v
+        for v, a in zip((on_true, on_false), is_array, strict=True)
+    ]
+    like = branches[is_array.index(True)]
+    branches = [
+        _broadcast(v, shape) if a else lax.full_like(like, v, shape=shape)
+        for v, a in zip(branches, is_array, strict=True)
+    ]
+    return lax.select(_broadcast(cond, shape), *branches)
 
 
 def _broadcast(v, shape):

@@ -160,8 +160,9 @@ def _log_softmax_jvp(primals, tangents):
 
 
 def _log_softmax_tangent(axes, z, log_s, dz):
-    tangent = dz - nz.reduce_sum(jnp.exp(z - log_s) * dz, axes)
-    return nz.select(z == -INF, 0.0, tangent)
+    out = z - log_s  # -inf on excluded entries, NaN in a NaN slice
+    tangent = dz - nz.reduce_sum(jnp.exp(out) * dz, axes)
+    return nz.select(out == -INF, 0.0, tangent)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))

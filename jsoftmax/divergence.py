@@ -132,13 +132,17 @@ def _kl_parts(axes, xp, xq, t, mask):
     zq, _ = nz.logits(axes, xq, t, mask)
     # 0 where p is 0, whatever q is; +inf where only q is 0 (also where p's
     # probability underflows: it is not 0).
-    cross = nz.select(zq == -INF, INF, jnp.exp(zp) * (zp - zq))
-    cross = nz.select(zp == -INF, 0.0, cross)
+    # The unselected branches stay finite, so that their zero cotangents
+    # meet no infinity in the derivatives of the rule.
+    cross = jnp.exp(zp) * (_finite(zp) - _finite(zq))
+    cross = nz.select(zp == -INF, 0.0, nz.select(zq == -INF, INF, cross))
     norm = nz.normaliser(zp, axes)
     s_q, weighted = nz.reduce_sum(jnp.exp(zq), axes), nz.reduce_sum(cross, axes)
     log_s_q = jnp.log(nz.safe_normaliser(s_q))
     mass = (norm.s > 0).astype(zp.dtype)
-    kl = weighted / nz.safe_normaliser(norm.s) - norm.log_s + log_s_q
+    infinite = weighted == INF
+    finite = nz.select(infinite, 0.0, weighted) / nz.safe_normaliser(norm.s)
+    kl = nz.select(infinite, INF, finite - norm.log_s + log_s_q)
     return nz.select(norm.s == 0, 0.0, kl), zp, zq, norm.log_s, log_s_q, mass
 
 

@@ -380,6 +380,13 @@ def test_nan_poisons_only_its_slice():
         for fn in FUNCS:
             out = np.asarray(fn(x, temperature=t))
             assert np.all(np.isnan(out[0])) and not np.any(np.isnan(out[1])), (fn, t)
+    # Gradients too, also on an excluded entry of the NaN slice (its value is
+    # NaN there: -inf - NaN), and only there.
+    with_excluded = x.at[0, 2].set(-INF)
+    w = jnp.arange(3.0)
+    for fn in FUNCS:
+        g = np.asarray(jax.grad(lambda v, fn=fn: jnp.sum(w * fn(v)))(with_excluded))
+        assert np.all(np.isnan(g[0])) and np.all(np.isfinite(g[1])), fn
     # A NaN that is masked out is excluded like any other entry.
     s = jsoftmax.softmax(x, where=~jnp.isnan(x))
     np.testing.assert_allclose(s[0], [ref.softmax(np.array([1.0, 3.0]))[0], 0, 0.8807971], 1e-6)

@@ -241,6 +241,25 @@ def test_kl_edges(p, q, keep, want):
     assert all(np.all(np.isfinite(h)) for h in jax.tree.leaves(jax.hessian(fn)(a, b)))
 
 
+@pytest.mark.parametrize(
+    "p, q, t",
+    [([1.0, 0.5], [0.3, -INF], 1.0),  # included in p, excluded in q
+     ([1.0, 0.5, -2.0, 1.0], [0.3, 0.9, -1.0, 1.5], 0.0)],  # q's max is not one of p's
+)
+def test_kl_second_derivatives_are_zero_where_it_is_infinite(p, q, t):
+    # Reverse over reverse, the mixed derivative in t and the logits, where
+    # every branch of the forward pass is differentiated (its unselected
+    # infinite branches included).
+    a, b = jnp.asarray(p), jnp.asarray(q)
+    f = lambda a, b, t: jsoftmax.kl_divergence(a, b, temperature=t)
+    assert f(a, b, t) == INF
+    for arg in (0, 1):
+        mixed = jax.grad(jax.grad(f, 2), arg)(a, b, t)
+        np.testing.assert_array_equal(mixed, 0.0)
+        second = jax.jacrev(jax.grad(f, arg), arg)(a, b, t)
+        np.testing.assert_array_equal(second, 0.0)
+
+
 def test_kl_temperature_limits():
     p = jnp.array([2.0, 1.0, 2.0])
     q = jnp.array([2.0, 0.0, 2.0])

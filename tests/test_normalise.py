@@ -59,6 +59,15 @@ def test_select_keeps_the_dtype_and_weak_type_of_jnp_where(x64):
         want = jnp.where(cond, on_true, on_false)
         assert (got.dtype, got.weak_type, got.shape) == (want.dtype, want.weak_type, want.shape)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # Branches that promote to a third dtype, or an integer array beside a
+    # float number: jnp.where's dtype and values (the result is not weak).
+    for on_true, on_false in [(half, jnp.ones((2, 3), jnp.float16)),
+                              (jnp.ones(3, jnp.int8), jnp.full(3, 2, jnp.uint8)),
+                              (jnp.arange(6).reshape(2, 3), 0.5)]:
+        got = nz.select(cond, on_true, on_false)
+        want = jnp.where(cond, on_true, on_false)
+        assert (got.dtype, got.shape) == (want.dtype, want.shape)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_select_derivatives_are_those_of_where():
