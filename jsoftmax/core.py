@@ -149,9 +149,8 @@ def _log_softmax_jvp(primals, tangents):
     if dz is None:
         return out, jnp.zeros_like(out)
     if norm.q is None:
-        # Checkpointed: reverse mode keeps only z and log s.
-        tangent = jax.checkpoint(_log_softmax_tangent, prevent_cse=False)
-        return out, tangent(axes, z, norm.log_s, dz)
+        # Checkpointed: reverse mode keeps only ``out``.
+        return out, jax.checkpoint(_log_softmax_tangent, prevent_cse=False)(axes, out, dz)
     e = jnp.exp(z)
     small = nz.reduce_sum((norm.q * e) * dz, axes)
     tangent = (dz - nz.reduce_sum(e * dz, axes)) + small
@@ -159,8 +158,7 @@ def _log_softmax_jvp(primals, tangents):
     return out, nz.select(out == -INF, 0.0, tangent)
 
 
-def _log_softmax_tangent(axes, z, log_s, dz):
-    out = z - log_s  # -inf on excluded entries, NaN in a NaN slice
+def _log_softmax_tangent(axes, out, dz):
     tangent = dz - nz.reduce_sum(jnp.exp(out) * dz, axes)
     return nz.select(out == -INF, 0.0, tangent)
 

@@ -219,6 +219,19 @@ def test_logsumexp_learned_temperature_keeps_no_input_sized_temporary():
         assert temp(argnums) <= x_only + 8 * rows * 4, argnums
 
 
+@pytest.mark.codegen
+@pytest.mark.parametrize("fn", [jsoftmax.softmax, jsoftmax.log_softmax], ids=lambda f: f.__name__)
+def test_gradient_keeps_one_input_sized_temporary(fn):
+    # Reverse mode keeps the one residual of the rule (the checkpointed
+    # output) and computes the rest from it: one input-sized buffer, and a
+    # few per-row vectors.
+    rows, cols = 4096, 1024
+    x = jax.ShapeDtypeStruct((rows, cols), jnp.float32)
+    grad = jax.grad(lambda x, w: jnp.sum(w * fn(x)))
+    temp = jax.jit(grad).lower(x, x).compile().memory_analysis().temp_size_in_bytes
+    assert temp <= rows * cols * 4 + 16 * rows * 4
+
+
 _LSE_EDGE_ROWS = np.array(
     [[0, 1, 2, 3], [INF, 1, INF, 0], [-INF] * 4, [np.nan, 1, 2, 3], [INF, -INF, np.nan, 0],
      [1e30, 1e30, -1e30, 0], [INF, -INF, -INF, -INF], [-3.0, -INF, -INF, -INF]]
