@@ -81,6 +81,21 @@ def test_entropy_of_a_confident_slice_keeps_its_relative_accuracy():
     assert abs(float(hand) - want) > 0.01 * want  # what the formula users write gives
 
 
+@pytest.mark.codegen
+@pytest.mark.parametrize("name, residuals", [("entropy", 1), ("kl_divergence", 2)])
+def test_gradient_keeps_its_residuals_and_no_more(name, residuals):
+    # Reverse mode keeps the rule's checkpointed input-sized residuals (the
+    # log-probabilities, or both shifted logits) and a few per-row vectors.
+    rows, cols = 4096, 1024
+    x = jax.ShapeDtypeStruct((rows, cols), jnp.float32)
+    w = jax.ShapeDtypeStruct((rows,), jnp.float32)
+    f = {"entropy": lambda x, other: jsoftmax.entropy(x),
+         "kl_divergence": lambda x, other: jsoftmax.kl_divergence(other, x)}[name]
+    grad = jax.grad(lambda x, other, w: jnp.sum(w * f(x, other)))
+    temp = jax.jit(grad).lower(x, x, w).compile().memory_analysis().temp_size_in_bytes
+    assert temp <= residuals * rows * cols * 4 + 16 * rows * 4
+
+
 @pytest.mark.parametrize(
     "row, keep, t, want",
     [
