@@ -131,9 +131,8 @@ def _kl_parts(axes, xp, xq, t, mask):
     zp, _ = nz.logits(axes, xp, t, mask)
     zq, _ = nz.logits(axes, xq, t, mask)
     # 0 where p is 0, whatever q is; +inf where only q is 0 (also where p's
-    # probability underflows: it is not 0).
-    # The unselected branches stay finite, so that their zero cotangents
-    # meet no infinity in the derivatives of the rule.
+    # probability underflows: it is not 0). The branches not taken stay
+    # finite, so that their zero cotangents meet no inf in second derivatives.
     cross = jnp.exp(zp) * (_finite(zp) - _finite(zq))
     cross = nz.select(zp == -INF, 0.0, nz.select(zq == -INF, INF, cross))
     norm = nz.normaliser(zp, axes)
