@@ -4,12 +4,8 @@ XLA reads the device count once, when JAX starts, so the flag cannot be set
 inside this test process without disturbing every other test.
 """
 
-from pathlib import Path
-
 import pytest
-from processes import cpu_env, run_pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from processes import ROOT, cpu_env, run_pytest
 
 # Two halves of about equal time, so that two workers can share them.
 HALVES = {"fused": "fused", "the_rest": "not fused"}

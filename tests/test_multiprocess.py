@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
-from processes import LOCAL_DEVICES, NUM_PROCESSES, free_port, launch, read_logs
+from processes import LOCAL_DEVICES, NUM_PROCESSES, ROOT, free_port, launch, read_logs
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multiprocess" / "worker.py"
 
 

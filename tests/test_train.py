@@ -11,14 +11,13 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
-from processes import LOCAL_DEVICES, NUM_PROCESSES, cpu_env, free_port, launch, read_logs
+from processes import LOCAL_DEVICES, NUM_PROCESSES, ROOT, cpu_env, free_port, launch, read_logs
 
 import jsoftmax
 from jsoftmax.calibration import mean_nll
@@ -27,7 +26,6 @@ from jsoftmax_demo import train
 # One worker runs this file: its module fixtures (whole runs) are made once.
 pytestmark = pytest.mark.xdist_group("train")
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "digits": ["--epochs", "5", "--hidden", "32"],
     "spirals": ["--dataset", "spirals", "--epochs", "12", "--hidden", "32", "--lr", "0.02"],
