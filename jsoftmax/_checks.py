@@ -48,6 +48,17 @@ def inexact_dtype(dtype) -> jnp.dtype:
     return _dtype_facts(jnp.dtype(dtype), jax.config.jax_enable_x64)[2]
 
 
+def promoted_dtype(*values: ArrayLike) -> jnp.dtype:
+    """The floating dtype jax.nn computes ``values`` together in (jax's
+    ``promote_args_inexact``): their ``jnp.result_type``, in which a Python
+    number is weakly typed, made inexact by :func:`inexact_dtype`."""
+    arrays = [
+        v if isinstance(v, (bool, int, float, jax.Array, np.ndarray)) else np.asarray(v)
+        for v in values
+    ]
+    return inexact_dtype(jnp.result_type(*arrays))
+
+
 @functools.lru_cache(maxsize=256)
 def _dtype_facts(dtype: jnp.dtype, x64: bool) -> tuple[jnp.dtype, bool, jnp.dtype]:
     """``(canonical dtype, real, inexact dtype)`` of ``dtype``, cached: every

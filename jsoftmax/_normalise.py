@@ -417,19 +417,26 @@ def untempered_log_sum(axes, x: jax.Array, mask=None) -> tuple[jax.Array, jax.Ar
     return shift + jnp.log(s), jnp.sign(s)
 
 
-def entropy(z: jax.Array, axes, keepdims: bool = True) -> jax.Array:
-    """The Shannon entropy -sum p log p of p = softmax(z), in nats:
-    log s - sum(p z), with log s split at the maxima, since the entropy of a
+def entropy(
+    z: jax.Array, axes, keepdims: bool = True
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(H, log_s, mean_z)``: the Shannon entropy -sum p log p of
+    p = softmax(z), in nats, with the log normaliser and mean_z = sum(p z)
+    it is built from.
+
+    H = log s - mean_z, with log s split at the maxima, since the entropy of a
     confident slice is mostly the part of log s below an ulp of 1. Excluded
     entries (z = -inf, p = 0) contribute 0 and a slice with nothing included
-    has entropy 0; k entries at z = 0 and nothing else give log k."""
+    has entropy 0 (log_s = 0, mean_z = 0); k entries at z = 0 and nothing else
+    give log k."""
     # A product with 0 at z = -inf, not a select after it (whose cotangent
     # would meet 0 * -inf).
     e = jnp.exp(z)
     top, below, ez = _split_sums(z, e, axes, keepdims, e * select(z == -INF, 0.0, z))
     log_s, _ = _split_log_normaliser(top, below)
     s = top + below
-    return select(s == 0, 0.0, log_s - ez / safe_normaliser(s))
+    mean_z = ez / safe_normaliser(s)
+    return select(s == 0, 0.0, log_s - mean_z), log_s, mean_z
 
 
 def inverse_temperature(t: jax.Array) -> jax.Array:

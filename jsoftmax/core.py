@@ -24,6 +24,7 @@ from jsoftmax._checks import (
     compute_dtype,
     dtype_of,
     is_traced,
+    promoted_dtype,
     shaped_slice_args,
     slice_args,
     upcast,
@@ -259,7 +260,7 @@ def _logsumexp_jvp(primals, tangents):
         out = out + nz.reduce_sum(probs * dx, axes)
     if dt is not None:
         if b is None:
-            entropy = nz.entropy(z, axes)
+            entropy = nz.entropy(z, axes)[0]
         else:
             log_s = jnp.log(jnp.abs(nz.safe_normaliser(s)))
             # z is -inf exactly where P is 0: a product with 0 there, not a
@@ -333,8 +334,8 @@ def logsumexp(
     )
     weights = None
     if b is not None:
-        weights, b_dtype = as_real_array("logsumexp", b, "b", allow_bool=True)
-        out_dtype = jnp.promote_types(out_dtype, b_dtype)
+        weights, _ = as_real_array("logsumexp", b, "b", allow_bool=True)
+        out_dtype = promoted_dtype(a, b)
     return _logsumexp_jit(
         nz.reduction(axes, axis_name), out_dtype, keepdims, return_sign, layout,
         arr, t, mask, weights,

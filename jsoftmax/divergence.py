@@ -41,29 +41,32 @@ def _finite(v: jax.Array) -> jax.Array:
 @jax.custom_jvp
 def _entropy(axes, x, t, mask):
     z, _ = nz.logits(axes, x, t, mask)
-    return nz.entropy(z, axes)
+    return nz.entropy(z, axes)[0]
 
 
 @partial(_entropy.defjvp, symbolic_zeros=True)
 def _entropy_jvp(primals, tangents):
-    """dH = -sum p (z - sum(p z)) dz = -sum p (log p + H) dz, with
-    dz = (dx - z dt) / t. Checkpointed on log p: reverse mode keeps one
-    input-sized array."""
+    """dH = -sum p (z - sum(p z)) dz, with dz = (dx - z dt) / t.
+
+    Written with z - sum(p z), not the equal log p + H: that difference of
+    two numbers near log k cancels where k entries tie at the top. Checkpointed
+    on x: reverse mode keeps no array of its own of x's shape.
+    """
     axes, x, t, mask = primals
     dx, dt = nz.tangent_value(tangents[1]), nz.tangent_value(tangents[2])
-    z, _ = nz.logits(axes, x, t, mask)
-    h = nz.entropy(z, axes)
-    dz = nz.tangent_logits(None if dt is None else z, t, dx, dt)
-    if dz is None:
+    shift = nz.slice_shift(axes, x, t, mask)
+    h, log_s, mean_z = nz.entropy(nz.shifted(x, shift, t, mask), axes)
+    if dx is None and dt is None:
         return h, jnp.zeros_like(h)
-    log_p = nz.log_probabilities(z, nz.accurate_log_normaliser(z, axes)[0])
-    return h, jax.checkpoint(_entropy_tangent, prevent_cse=False)(axes, log_p, h, dz)
+    tangent = jax.checkpoint(_entropy_tangent)
+    return h, tangent(axes, x, t, mask, shift, log_s, mean_z, dx, dt)
 
 
-def _entropy_tangent(axes, log_p, h, dz):
-    safe = _finite(log_p)
-    weight = nz.select(log_p == -INF, 0.0, jnp.exp(safe) * (safe + h))
-    return -nz.reduce_sum(weight * dz, axes)
+def _entropy_tangent(axes, x, t, mask, shift, log_s, mean_z, dx, dt):
+    z = nz.shifted(x, shift, t, mask)
+    # p is 0 where z is -inf, and the finite stand-in keeps 0 * -inf out.
+    spread = jnp.exp(z - log_s) * (_finite(z) - mean_z)
+    return -nz.reduce_sum(spread * nz.tangent_logits(z, t, dx, dt), axes)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
@@ -125,9 +128,10 @@ def entropy(
 
 
 def _kl_parts(axes, xp, xq, t, mask):
-    """``(kl, zp, zq, log s_p, log s_q, |p|)`` keepdims, with
-    KL = sum(exp(zp) (zp - zq)) / s_p - log s_p + log s_q and |p| = sum p
-    (1, or 0 for a slice with nothing included in p)."""
+    """``(kl, zp, zq, log s_p, log s_q, |p|, mean_gap)`` keepdims, with
+    KL = mean_gap - log s_p + log s_q, mean_gap = sum(p (zp - zq)) (0 where
+    KL is +inf) and |p| = sum p (1, or 0 for a slice with nothing included
+    in p)."""
     zp, _ = nz.logits(axes, xp, t, mask)
     zq, _ = nz.logits(axes, xq, t, mask)
     # 0 where p is 0, whatever q is; +inf where only q is 0 (also where p's
@@ -138,11 +142,11 @@ def _kl_parts(axes, xp, xq, t, mask):
     norm = nz.normaliser(zp, axes)
     s_q, weighted = nz.reduce_sum(jnp.exp(zq), axes), nz.reduce_sum(cross, axes)
     log_s_q = jnp.log(nz.safe_normaliser(s_q))
-    mass = (norm.s > 0).astype(zp.dtype)
     infinite = weighted == INF
     finite = nz.select(infinite, 0.0, weighted) / nz.safe_normaliser(norm.s)
     kl = nz.select(infinite, INF, finite - norm.log_s + log_s_q)
-    return nz.select(norm.s == 0, 0.0, kl), zp, zq, norm.log_s, log_s_q, mass
+    mass = (norm.s > 0).astype(zp.dtype)
+    return nz.select(norm.s == 0, 0.0, kl), zp, zq, norm.log_s, log_s_q, mass, finite
 
 
 @jax.custom_jvp
@@ -152,35 +156,55 @@ def _kl_divergence(axes, xp, xq, t, mask):
 
 @partial(_kl_divergence.defjvp, symbolic_zeros=True)
 def _kl_divergence_jvp(primals, tangents):
-    """dKL = sum p (log p - log q - KL) dz_p - sum (p - |p| q) dz_q, with
-    dz = (dx - z dt) / t. Zero where KL is +inf (no finite direction changes
-    it). Checkpointed on both logits: reverse mode keeps two input-sized
-    arrays."""
+    """dKL = sum p (g - sum(p g)) dz_p - sum (p - |p| q) dz_q (|p| = sum p, 1
+    or 0 where p has nothing included), with
+    g = zp - zq (log p - log q up to a per-slice constant) and
+    dz = (dx - z dt) / t. Written with sum(p g), not the equal
+    KL + log s_p - log s_q: that difference of two numbers near log k cancels
+    where k entries tie at the top. Zero where KL is +inf (no finite
+    direction changes it). Checkpointed on both logits: reverse mode keeps
+    two input-sized arrays."""
     axes, xp, xq, t, mask = primals
     dxp, dxq, dt = (nz.tangent_value(v) for v in tangents[1:4])
-    kl, zp, zq, log_s_p, log_s_q, mass = _kl_parts(axes, xp, xq, t, mask)
+    kl, zp, zq, log_s_p, log_s_q, mass, mean_gap = _kl_parts(axes, xp, xq, t, mask)
     dzp = nz.tangent_logits(None if dt is None else zp, t, dxp, dt)
     dzq = nz.tangent_logits(None if dt is None else zq, t, dxq, dt)
     if dzp is None and dzq is None:
         return kl, jnp.zeros_like(kl)
     tangent = jax.checkpoint(_kl_tangent, prevent_cse=False)
-    return kl, tangent(axes, zp, zq, log_s_p, log_s_q, mass, kl, dzp, dzq)
+    return kl, tangent(axes, zp, zq, log_s_p, log_s_q, mass, kl, mean_gap, dzp, dzq)
 
 
-def _kl_tangent(axes, zp, zq, log_s_p, log_s_q, mass, kl, dzp, dzq):
+def _kl_tangent(axes, zp, zq, log_s_p, log_s_q, mass, kl, mean_gap, dzp, dzq):
     infinite = kl == INF
     p = jnp.exp(zp - log_s_p)  # 0 where p is excluded
     out = jnp.zeros_like(kl)
     if dzp is not None:
-        # log p - log q - KL, made finite before it multiplies the tangent:
-        # its transpose would otherwise meet 0 * inf where KL is +inf.
-        offset = nz.select(infinite, 0.0, log_s_p - log_s_q + kl)
-        gap = _finite(zp) - _finite(zq) - offset
+        # Finite before it multiplies the tangent (mean_gap is 0 where KL is
+        # +inf): its transpose would otherwise meet 0 * inf.
+        gap = _finite(zp) - _finite(zq) - mean_gap
         out = out + nz.reduce_sum(p * gap * dzp, axes)
     if dzq is not None:
+        # p - q = (d - q sum(d)) / s_p with d = exp(zp) - exp(zq) (as
+        # s_q - s_p = -sum(d)): no two numbers near 1/k are subtracted where k
+        # entries tie at the top. |p| makes it exactly 0 where p is empty.
         q = jnp.exp(zq - log_s_q)
-        out = out - nz.reduce_sum((p - mass * q) * dzq, axes)
+        d = _exp_difference(zp, zq)
+        p_minus_q = (d - q * nz.reduce_sum(d, axes)) * jnp.exp(-log_s_p)
+        out = out - nz.reduce_sum(mass * p_minus_q * dzq, axes)
     return nz.select(infinite, 0.0, out)
+
+
+def _exp_difference(a, b):
+    """exp(a) - exp(b) to full relative accuracy, as +-exp(hi) (1 - exp(lo - hi)),
+    with exact derivatives where a = b too (the selects, not max and min,
+    pick the branch); 0 where both are -inf."""
+    both = (a == -INF) & (b == -INF)
+    a, b = nz.select(both, 0.0, a), nz.select(both, 0.0, b)
+    first = a >= b
+    hi, lo = nz.select(first, a, b), nz.select(first, b, a)
+    d = -jnp.exp(hi) * jnp.expm1(lo - hi)
+    return nz.select(first, d, -d)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))

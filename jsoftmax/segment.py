@@ -243,7 +243,7 @@ def _segment_logsumexp_jvp(primals, tangents):
         probs = nz.probabilities(z, seg.per_entry(s))
         out = out + nz.reduce_sum(probs * dx, seg, keepdims=False)
     if dt is not None:
-        out = out + nz.entropy(z, seg, keepdims=False) * dt
+        out = out + nz.entropy(z, seg, keepdims=False)[0] * dt
     return lse, out
 
 

@@ -375,3 +375,35 @@ def test_logsumexp_where_grad(mode):
     x = jnp.array([0.0, 0.0, 0.0, 0.0, 100.0])
     g = jax.grad(lambda x: jsoftmax.logsumexp(x, where=jnp.arange(5) < 4))(x)
     assert_all_close(g, jnp.array([0.25, 0.25, 0.25, 0.25, 0.0]))
+
+
+# The result dtype with weights: jax.nn.logsumexp promotes a and b together
+# (promote_args_inexact), so a bool or integer b keeps a 16-bit a's dtype and
+# a 64-bit integer b does not widen a float32 a under x64.
+LSE_WEIGHT_DTYPES = [
+    ("bfloat16", "bool"),
+    ("float16", "int32"),
+    ("float16", "int8"),
+    ("bfloat16", "float32"),
+    ("int8", "float16"),
+    ("int32", "int32"),
+    ("float32", "int64"),
+    ("float32", "python int"),
+    ("bfloat16", "python float"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("a_dtype, b_dtype", LSE_WEIGHT_DTYPES)
+def test_logsumexp_result_dtype_with_weights_matches_jax(mode, a_dtype, b_dtype):
+    with jax.enable_x64(mode == "x64"):
+        a = jnp.asarray([[1, 2, 3], [0, 1, 1]], a_dtype)
+        b = {"python int": 2, "python float": 0.5}.get(b_dtype)
+        b = jnp.asarray([[1, 0, 1], [1, 1, 1]], b_dtype) if b is None else b
+        want = jax.nn.logsumexp(a, axis=1, b=b)
+        got = jsoftmax.logsumexp(a, axis=1, b=b)
+        assert got.dtype == want.dtype
+        got_sign = jsoftmax.logsumexp(a, axis=1, b=b, return_sign=True)
+        assert all(v.dtype == want.dtype for v in got_sign)
+        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                                   rtol=1e-2 if want.dtype.itemsize == 2 else 1e-6)
