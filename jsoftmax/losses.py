@@ -35,6 +35,7 @@ from jsoftmax._checks import (
     compute_dtype,
     host_array,
     is_traced,
+    promoted_dtype,
     real_spec,
     shaped_mask,
     shaped_temperature,
@@ -293,7 +294,7 @@ def softmax_cross_entropy(
     mask, expand = _loss_mask_spec(name, where, shape, axes)
     t, layout = temperature_spec(name, temperature, shape, axes)
     alpha = _label_smoothing(name, label_smoothing)
-    dtypes = (out_dtype, label_dtype, jnp.promote_types(out_dtype, label_dtype))
+    dtypes = (out_dtype, label_dtype, promoted_dtype(logits, labels))
     return _dense_cross_entropy_jit(
         nz.reduction(axes, axis_name), dtypes, layout, expand, shape, x, y, mask, t, alpha
     )
@@ -335,7 +336,8 @@ def _kept_weights(axes, shape, mask):
         count = float(np.prod([shape[a] for a in axes]))
         name = getattr(axes, "axis_name", None)
         count = count if name is None else count * lax.axis_size(name)
-        return jnp.full(shape, 1.0 / count, jnp.float32)
+        # No classes: an empty array, whatever its fill.
+        return jnp.full(shape, 1.0 / count if count else 0.0, jnp.float32)
     count = nz.reduce_sum(mask.astype(jnp.float32), axes)
     return nz.select(mask, 1.0 / nz.safe_normaliser(count), 0.0)
 

@@ -782,3 +782,41 @@ def test_integer_temperature_gradient_is_zero_at_constant_limits_with_smoothing(
     assert np.isfinite(g).all(), g
     plain = jax.grad(lambda t: loss(x[1:2], labels[1:2], temperature=t)[0])(1.3)
     np.testing.assert_allclose(g[1], plain, rtol=1e-6)
+
+
+# optax computes -sum(labels * log_softmax(logits)): the result takes the
+# dtype of labels * logits, so integer and bool one-hot labels keep 16-bit
+# logits' dtype and int64 labels do not widen float32 logits under x64.
+@pytest.mark.parametrize("x64", [False, True], ids=["default", "x64"])
+@pytest.mark.parametrize("logit_dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("label_dtype", ["bool", "int8", "int32", "int64", "bfloat16", "float32"])
+def test_probability_label_loss_result_dtype_matches_optax(x64, logit_dtype, label_dtype):
+    with jax.enable_x64(x64):
+        logits = jnp.asarray([[1.0, -2.0, 0.5], [0.0, 3.0, 1.0]], logit_dtype)
+        labels = jnp.asarray([[1, 0, 0], [0, 1, 0]], label_dtype)
+        want = optax.softmax_cross_entropy(logits, labels)
+        got = softmax_cross_entropy(logits, labels)
+        assert got.dtype == want.dtype
+        # optax computes in the logits' dtype, so 16-bit logits round it.
+        low = jnp.dtype(logit_dtype).itemsize == 2 or want.dtype.itemsize == 2
+        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                                   rtol=2e-2 if low else 1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
+def test_label_smoothing_over_no_classes_costs_nothing(smoothing):
+    # Every class of every example is excluded, as a (3, 0) array has none:
+    # 0 with zero gradients, with or without smoothing.
+    logits = jnp.zeros((3, 0))
+    calls = {
+        "probability labels": lambda x, a: softmax_cross_entropy(
+            x, jnp.zeros((3, 0)), label_smoothing=a),
+        "integer labels": lambda x, a: softmax_cross_entropy_with_integer_labels(
+            x, jnp.zeros(3, jnp.int32), label_smoothing=a),
+    }
+    for fn in calls.values():
+        np.testing.assert_array_equal(fn(logits, smoothing), np.zeros(3))
+        np.testing.assert_array_equal(jax.jit(fn)(logits, smoothing), np.zeros(3))
+        total = lambda x, a, fn=fn: fn(x, a).sum()
+        g_x, g_a = jax.grad(total, argnums=(0, 1))(logits, smoothing)
+        assert g_x.shape == (3, 0) and g_a == 0.0
