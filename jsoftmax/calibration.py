@@ -48,6 +48,12 @@ def _check_classification(
         raise ValueError(
             f"{name}: {what} must have shape (examples, classes); got shape {tuple(arr.shape)}"
         )
+    if what == "probs" and arr.shape[1] == 0:
+        raise ValueError(
+            f"{name}: probs has no classes (shape {tuple(arr.shape)}), so no example has a "
+            "top class to bin; give probabilities of shape (examples, classes) with at least "
+            "one class"
+        )
     if not jnp.issubdtype(lab.dtype, jnp.integer):
         raise TypeError(
             f"{name}: labels must be integer class indices; got dtype {lab.dtype} "
@@ -199,7 +205,9 @@ def _mean_nll(dtype, logits, labels, t):
 
 @partial(jax.jit, static_argnums=0)
 def _fit_temperature(dtype, logits, labels):
-    return jnp.exp(_fit_log_temperature(cast_real(logits, dtype), jnp.asarray(labels)))
+    # Fitted in the compute dtype (float32 for 16-bit logits), returned in the logits'.
+    log_t = _fit_log_temperature(cast_real(logits, dtype), jnp.asarray(labels))
+    return jnp.exp(log_t).astype(dtype)
 
 
 def _fit_log_temperature(logits, labels):

@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jsoftmax
 
@@ -44,3 +45,18 @@ def test_calibration_on_constants_under_jit():
         want = np.asarray(fn(jnp.asarray(logits), jnp.asarray(labels)))
         np.testing.assert_allclose(jax.jit(lambda f=fn: f(logits, labels))(), want, rtol=1e-5)
         np.testing.assert_allclose(jax.jit(fn)(logits, labels), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_fit_temperature_returns_the_logits_dtype(dtype):
+    # 3 of 4 right at margin 4: sigmoid(4 / t) = 3/4, t = 4 / log 3.
+    logits = jnp.array([[4.0, 0.0], [4.0, 0.0], [0.0, 4.0], [0.0, 4.0]], dtype)
+    t = jsoftmax.fit_temperature(logits, jnp.array([0, 1, 1, 1]))
+    assert t.dtype == dtype and t.shape == ()
+    np.testing.assert_allclose(float(t), 4.0 / np.log(3.0), rtol=float(jnp.finfo(dtype).eps))
+
+
+@pytest.mark.parametrize("fn", [jsoftmax.expected_calibration_error, jsoftmax.reliability_bins])
+def test_calibration_of_probabilities_without_classes_names_the_argument(fn):
+    with pytest.raises(ValueError, match=r"probs has no classes \(shape \(3, 0\)\)"):
+        fn(jnp.zeros((3, 0)), jnp.zeros(3, jnp.int32))
