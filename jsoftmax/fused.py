@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,7 @@ from jsoftmax._normalise import select
 from jsoftmax._xla_cpu import per_chunk
 from jsoftmax.core import AxisName
 
-__all__ = ["fused_linear_cross_entropy"]
+__all__ = ["FusedStats", "fused_linear_cross_entropy"]
 
 _NAME = "fused_linear_cross_entropy"
 _F32 = jnp.float32
@@ -200,20 +201,89 @@ def _soft_cap_grads(z, th, cap):
 # --------------------------------------------------------------------------
 
 
-def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask):
-    """Returns per-example ``(lse, gap, y_label, y_sum, valid)``, each [N].
+def _online_step(m, y):
+    """One chunk of an online logsumexp over the rows of ``y``: the new
+    running maximum, the shift the sums are kept at (0 while nothing finite
+    has been seen), ``exp(y - shift)`` and ``exp(m - shift)``, the factor that
+    moves the sums of the chunks seen so far onto the new shift."""
+    m_new = jnp.maximum(m, jnp.max(y, axis=1))
+    shift = select(jnp.isfinite(m_new), m_new, 0.0)
+    return m_new, shift, jnp.exp(y - shift[:, None]), jnp.exp(m - shift)
+
+
+def _moved_moment(u, s, m, shift, decay):
+    """``u = sum exp(y - m) (y - m)`` (with ``s = sum exp(y - m)``) moved onto
+    ``shift``: every ``y - m`` gains ``m - shift``."""
+    gained = select(jnp.isfinite(m), m - shift, 0.0)
+    return decay * (u + gained * s)
+
+
+def _moment_terms(exps, shifted):
+    """Terms ``exp(y - shift) (y - shift)`` of the moment from ``shifted = y -
+    shift``: 0, not 0 * -inf, for an excluded (-inf) logit. (A clamp rather
+    than a select: XLA:CPU would store a selected [N, chunk] array before
+    summing it.)"""
+    return exps * jnp.maximum(shifted, jnp.finfo(shifted.dtype).min)
+
+
+def _argmax_and_sums(y, *xs):
+    """The argmax of ``y`` over axis 1 (the lowest index on ties, int32) and
+    the sums of ``xs`` over it, in one reduction. XLA fuses the producers of
+    a reduction of several operands into it, where XLA:CPU would store the
+    [N, chunk] producer of each sum of its own (and drops the argmax if
+    it is not used, so there are two sums)."""
+    index = lax.broadcasted_iota(jnp.int32, y.shape, 1)
+
+    def pick(a, b):
+        (va, ia, *sa), (vb, ib, *sb) = a, b
+        later = (vb > va) | ((vb == va) & (ib < ia))
+        totals = (p + q for p, q in zip(sa, sb, strict=True))
+        return select(later, vb, va), select(later, ib, ia), *totals
+
+    init = (jnp.array(-jnp.inf, y.dtype), jnp.array(y.shape[1], jnp.int32),
+            *(jnp.zeros((), x.dtype) for x in xs))
+    _, best, *totals = lax.reduce((y, index, *xs), init, pick, (1,))
+    return best, *totals
+
+
+def _global_shift(axis_name, m):
+    """The maximum over the shards and the shift the summed sums are kept at."""
+    m_global = lax.pmax(m, axis_name)
+    return m_global, select(jnp.isfinite(m_global), m_global, 0.0)
+
+
+def _with_label(rest, y_label, shift, present):
+    """The sum of exp(y - shift) over every class from the sum ``rest`` over
+    all but the label, where the label's logit is ``present``."""
+    return rest + select(present, jnp.exp(y_label - shift), 0.0)
+
+
+def _entropy_of(s, u):
+    """``-sum p log p = log s - u / s`` from the sum and the moment at one
+    shift; both terms are >= 0, so a small entropy keeps its relative
+    accuracy. 0 where nothing is included."""
+    some = s > 0
+    safe = select(some, s, 1.0)
+    return select(some, jnp.log(safe) - u / safe, 0.0)
+
+
+def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask, stats=False):
+    """Returns per-example ``(lse, gap, y_label, y_sum, valid, extra)``, each [N].
 
     ``y = cap(h @ w + bias) * inv_t`` are the scaled logits (``cap`` the
     soft cap, when there is one); ``lse`` is their logsumexp over the
     (global) vocabulary, ``y_label`` the label's logit, ``gap = lse -
     y_label`` the cross-entropy, ``y_sum`` the sum of all logits (for label
-    smoothing) and ``valid`` whether the label is in range.
+    smoothing) and ``valid`` whether the label is in range. With ``stats``,
+    ``extra`` is ``(entropy, argmax)`` of ``y``, else ``()``.
 
     The loop accumulates, besides the running maximum m, the sum of
     exp(y - m) over every class but the label. Then
     ``gap = log1p(rest * exp(m - y_label))``, which keeps its relative
     accuracy when the label dominates and the loss is far below 1 (a plain
     ``log(sum)`` near 1 would lose it), and costs one select per logit.
+    The statistics add the sum over every class, the moment
+    ``sum exp(y - m) (y - m)`` (for the entropy) and the running argmax.
     """
     n = h.shape[0]
     v_local = w.shape[1]
@@ -227,37 +297,66 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask):
         return z if inv_t is None else z * inv_t
 
     def step(carry, start, size):
-        m, rest, y_label, y_sum = carry
+        m, rest, y_label, y_sum, *extra = carry
         w_c, bias_c = per_chunk(start, w, bias)
         y = scaled(_soft_cap(_linear(h, w_c, bias_c, start, size), cap)[0])
-        m_new = jnp.maximum(m, jnp.max(y, axis=1))
-        shift = select(jnp.isfinite(m_new), m_new, 0.0)
+        m_new, shift, exps, decay = _online_step(m, y)
         cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
         hit = cols == labels[:, None]
-        terms = select(hit, 0.0, jnp.exp(y - shift[:, None]))
-        rest = rest * jnp.exp(m - shift) + jnp.sum(terms, axis=1)
+        terms = select(hit, 0.0, exps)
+        rest_new = rest * decay + jnp.sum(terms, axis=1)
         # The label's logit picked from the chunk: a gather of weight's
         # columns would need an [N, D] buffer, and this is the very value
         # the logsumexp sees.
-        y_label = y_label + jnp.sum(select(hit, y, 0.0), axis=1)
+        if not stats:
+            picked = jnp.sum(select(hit, y, 0.0), axis=1)
+        else:
+            # The moment u = sum exp(y - shift) (y - shift) for the entropy,
+            # from the loss's own terms and the label's per-row term (a sum
+            # over exps would keep another [N, chunk] array). ``picked`` is
+            # one logit and zeros: the same bits from any reduction.
+            u, best = extra
+            top, picked, moment = _argmax_and_sums(
+                y, select(hit, y, 0.0), _moment_terms(terms, y - shift[:, None]))
+            first = offset + start
+            before = (labels >= offset) & (labels < first)
+            s_old = _with_label(rest, y_label, select(jnp.isfinite(m), m, 0.0), before)
+            here = (labels >= first) & (labels < first + size)
+            label_term = _moment_terms(jnp.exp(picked - shift), picked - shift)
+            u = _moved_moment(u, s_old, m, shift, decay) + moment + select(here, label_term, 0.0)
+            # Strictly greater: on a tie the earlier (lower) index stays.
+            extra = (u, select(m_new > m, first + top, best))
         if cap is not None:
             # Capped logits are not linear in w: their sum is accumulated.
             y_sum = y_sum + jnp.sum(y, axis=1)
-        return m_new, rest, y_label, y_sum
+        return m_new, rest_new, y_label + picked, y_sum, *extra
 
     carry = (jnp.full((n,), -jnp.inf, acc), *(jnp.zeros((n,), acc) for _ in range(3)))
+    if stats:
+        carry = (*carry, jnp.zeros((n,), acc), jnp.full((n,), -1, jnp.int32))
     # Under shard_map, the loop state varies over whatever the chunks vary over.
     axes = _vma(h, w, bias, labels, inv_t, cap)
     carry = tuple(_varying(c, axes) for c in carry)
-    m, rest, y_label, y_sum = _over_chunks(step, carry, v_local, chunk)
+    m, rest, y_label, y_sum, *extra = _over_chunks(step, carry, v_local, chunk)
     if axis_name is not None:
-        m_global = lax.pmax(m, axis_name)
-        shift = select(jnp.isfinite(m_global), m_global, 0.0)
-        rest = lax.psum(rest * jnp.exp(m - shift), axis_name)
+        m_global, shift = _global_shift(axis_name, m)
+        decay = jnp.exp(m - shift)
+        rest_local = rest
+        rest = lax.psum(rest * decay, axis_name)
+        if stats:
+            u, best = extra
+            local = (labels >= offset) & (labels < offset + v_local)
+            s = _with_label(rest_local, y_label, select(jnp.isfinite(m), m, 0.0), local)
+            u = lax.psum(_moved_moment(u, s, m, shift, decay), axis_name)
+            # The lowest global index among the shards that hold the maximum.
+            big = jnp.iinfo(jnp.int32).max
+            best = lax.pmin(select(m == m_global, best, big), axis_name)
+            extra = (u, select(best == big, -1, best))
         m = m_global
 
     # The label's logit (0 if out of range, from the one shard that has it).
     y_label = _psum(y_label, axis_name)
+    valid = (labels >= 0) & (labels < _vocab_size(axis_name, v_local))
 
     # lse - y_label = log(rest * exp(m - y_label) + 1). m - y_label is 0 when
     # the label is the maximum (both are the same chunk logit); when it is
@@ -272,8 +371,10 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask):
     # The logsumexp itself from the max: y_label + gap would carry the rounding
     # of the label's logit (ulp of |y_label|) into every probability of the
     # backward pass, and a label far below the max has a large |y_label|.
+    # (An out-of-range label left ``rest`` whole: nothing to add back.)
     top = select(jnp.isfinite(m), m, 0.0)
-    lse = top + jnp.log(rest + jnp.exp(y_label - top))
+    total = _with_label(rest, y_label, top, valid)
+    lse = top + jnp.log(total)
 
     if cap is None:
         # Without a cap the sum of the logits comes straight from the
@@ -286,8 +387,10 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask):
         if inv_t is not None:
             y_sum = y_sum * inv_t.reshape(inv_t.shape[:1])
     y_sum = _psum(y_sum, axis_name)
-    valid = (labels >= 0) & (labels < _vocab_size(axis_name, v_local))
-    return lse, gap, y_label, y_sum, valid
+    if stats:
+        u, best = extra
+        extra = (_entropy_of(total, u), best)
+    return lse, gap, y_label, y_sum, valid, tuple(extra)
 
 
 def _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab):
@@ -306,34 +409,53 @@ def _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab):
 # --------------------------------------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused(chunk, axis_name, h, w, bias, labels, t, cap, mask, alpha, z_loss):
-    loss, _ = _fused_fwd(chunk, axis_name, h, w, bias, labels, t, cap, mask, alpha, z_loss)
-    return loss
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused(chunk, axis_name, stats, h, w, bias, labels, t, cap, mask, alpha, z_loss):
+    out, _ = _fused_fwd(chunk, axis_name, stats, h, w, bias, labels, t, cap, mask, alpha, z_loss)
+    return out
 
 
 def _inverse(t):
     return None if t is None else 1.0 / t
 
 
-def _fused_fwd(chunk, axis_name, h, w, bias, labels, t, cap, mask, alpha, z_loss):
-    lse, gap, y_label, y_sum, valid = _forward(
-        chunk, axis_name, h, w, bias, labels, _inverse(t), cap, mask
+def _fused_fwd(chunk, axis_name, stats, h, w, bias, labels, t, cap, mask, alpha, z_loss):
+    """The loss, and with ``stats`` also ``(lse, entropy, argmax)`` per example."""
+    lse, gap, y_label, y_sum, valid, extra = _forward(
+        chunk, axis_name, h, w, bias, labels, _inverse(t), cap, mask, stats
     )
     vocab = _vocab_size(axis_name, w.shape[1])
     loss = _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab)
+    ok = True
     if t is not None:
         ok = (t > 0) & jnp.isfinite(t)
-        loss = select(ok.reshape(ok.shape[:1]) if ok.ndim else ok, loss, jnp.nan)
+        ok = ok.reshape(ok.shape[:1]) if ok.ndim else ok
     if cap is not None:
         # A traced negative or NaN cap: NaN, as for an invalid temperature.
-        loss = select(cap >= 0, loss, jnp.nan)
-    residuals = (h, w, bias, labels, t, cap, mask, alpha, z_loss, lse, y_label, y_sum, valid)
-    return loss, residuals
+        ok = ok & (cap >= 0)
+    if ok is not True:
+        loss = select(ok, loss, jnp.nan)
+    entropy = None
+    out = loss
+    if stats:
+        entropy, argmax = extra
+        # The statistics do not depend on the label: an out-of-range one
+        # leaves them defined. An excluded example gives 0, 0 and -1.
+        lse_out, ent_out = lse, entropy
+        if ok is not True:
+            lse_out, ent_out = select(ok, lse_out, jnp.nan), select(ok, ent_out, jnp.nan)
+        if mask is not None:
+            lse_out, ent_out = select(mask, lse_out, 0.0), select(mask, ent_out, 0.0)
+            argmax = select(mask, argmax, -1)
+        out = (loss, lse_out, ent_out, argmax)
+    residuals = (
+        h, w, bias, labels, t, cap, mask, alpha, z_loss, lse, y_label, y_sum, valid, entropy
+    )
+    return out, residuals
 
 
-def _fused_bwd(chunk, axis_name, residuals, g):
-    h, w, bias, labels, t, cap, mask, alpha, z_loss, lse, y_label, y_sum, valid = residuals
+def _fused_bwd(chunk, axis_name, stats, residuals, cotangent):
+    h, w, bias, labels, t, cap, mask, alpha, z_loss, lse, y_label, y_sum, valid, ent = residuals
     if axis_name is not None and not set(_axis_names(axis_name)) <= _vma(w):
         # Without the varying-axes types, shard_map hands us a cotangent we
         # cannot tell apart from a replicated one, and the weight gradient
@@ -348,6 +470,7 @@ def _fused_bwd(chunk, axis_name, residuals, g):
     offset = _shard_offset(axis_name, v_local)
     inv_t = _inverse(t)
     acc = _acc(h.dtype)
+    g, g_lse, g_ent = (c.astype(acc) for c in cotangent[:3]) if stats else (cotangent, 0, 0)
     g = g.astype(acc)
     # d loss / d y_j = g * ((1 + 2 z lse) p_j - (1 - alpha) [j == label] - alpha / V)
     # An out-of-range label: NaN loss, zero gradient, as in the unfused loss.
@@ -355,7 +478,15 @@ def _fused_bwd(chunk, axis_name, residuals, g):
     if mask is not None:
         g = select(mask, g, 0.0)
         h = select(mask[:, None], h, jnp.zeros((), h.dtype))
-    a = (g * (1 + 2 * z_loss * lse))[:, None]
+    a = g * (1 + 2 * z_loss * lse)
+    if stats:
+        # d lse / d y_j = p_j and d H / d y_j = -p_j (log p_j + H): the
+        # statistics' cotangents join the loss's in the same chunk cotangent.
+        if mask is not None:
+            g_lse, g_ent = select(mask, g_lse, 0.0), select(mask, g_ent, 0.0)
+        a = a + g_lse - g_ent * ent
+        g_ent_col = g_ent[:, None]
+    a = a[:, None]
     b = (g * (1 - alpha))[:, None]
     e = (g * (alpha / vocab))[:, None]
     # d y / d z = 1 / t, folded into the coefficients.
@@ -372,9 +503,12 @@ def _fused_bwd(chunk, axis_name, residuals, g):
         z = _linear(h, w_c, bias_c, start, size)
         capped, th = _soft_cap(z, cap)
         y = capped if inv_t is None else capped * row_inv_t
-        p = jnp.exp(y - lse_col)
+        log_p = y - lse_col
+        p = jnp.exp(log_p)
         cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
         dy = a * p - select(cols == labels[:, None], b, 0.0) - e
+        if stats:
+            dy = dy - g_ent_col * _moment_terms(p, log_p)
         if inv_t is not None:
             dy = dy * row_inv_t
             ty = ty + jnp.sum(dy * y, axis=1)
@@ -399,7 +533,7 @@ def _fused_bwd(chunk, axis_name, residuals, g):
         jnp.zeros((n,), acc),
         jnp.zeros((n,), acc),
     )
-    axes = _vma(h, w, bias, labels, inv_t, cap, a, b, e)
+    axes = _vma(h, w, bias, labels, inv_t, cap, a, b, e, *([g_ent] if stats else []))
     carry = tuple(_varying(c, axes) for c in carry)
     dh, dw, db, ty, tc = _over_chunks(step, carry, v_local, chunk)
     dh = _psum(dh, axis_name)
@@ -428,6 +562,19 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 _REDUCTIONS = ("none", "sum", "mean")
 
 
+class FusedStats(NamedTuple):
+    """Per-example statistics of the logits ``y`` of
+    :func:`fused_linear_cross_entropy` (its ``return_stats=True``), each of
+    the labels' shape: ``logsumexp`` (log sum_j exp y_j), ``entropy``
+    (-sum_j p_j log p_j in nats, p = softmax(y)) and ``argmax`` (the class of
+    the largest logit, the lowest index on ties; int32). An example excluded
+    by ``where`` has 0, 0 and -1."""
+
+    logsumexp: jax.Array
+    entropy: jax.Array
+    argmax: jax.Array
+
+
 def _reduce(loss, mask, weights, reduction):
     """Weights and reduction of the per-example loss, in plain JAX (autodiff
     carries the weights into the custom derivative's cotangent)."""
@@ -450,14 +597,14 @@ def _reduce(loss, mask, weights, reduction):
     return select(empty, 0.0, total / select(empty, 1.0, count))
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _fused_jit(
-    chunk, axis_name, batch, dtype, layout, reduction,
+    chunk, axis_name, batch, dtype, layout, reduction, stats,
     h, w, bias, labels, where, t, cap, alpha, zeta, weights,
 ):
     """Everything a call does on the device, in one computation: the casts
     and reshapes to [N, D] rows, the temperature per row, the loss, its
-    weights and reduction."""
+    weights and reduction (and the statistics, per example)."""
     acc = _acc(dtype)
     h, w = jnp.asarray(h).astype(dtype), jnp.asarray(w).astype(dtype)
     bias = None if bias is None else jnp.asarray(bias).astype(dtype)
@@ -491,11 +638,16 @@ def _fused_jit(
     )
     # The bias is a slice of the vocabulary like weight's columns.
     bias = _varying(bias, every)
-    loss = _fused(chunk, axis_name, h2, w, bias, lab, t, cap, mask, alpha, zeta)
+    out = _fused(chunk, axis_name, stats, h2, w, bias, lab, t, cap, mask, alpha, zeta)
+    loss = out[0] if stats else out
     if weights is not None:
         weights = jnp.broadcast_to(jnp.asarray(weights).astype(acc), batch).reshape(n)
     loss = _reduce(loss, mask, weights, reduction)
-    return (loss if reduction != "none" else loss.reshape(batch)).astype(dtype)
+    loss = (loss if reduction != "none" else loss.reshape(batch)).astype(dtype)
+    if not stats:
+        return loss
+    lse, ent, argmax = (x.reshape(batch) for x in out[1:])
+    return loss, FusedStats(lse.astype(dtype), ent.astype(dtype), argmax)
 
 
 def _float_dtype(arg, x):
@@ -595,7 +747,8 @@ def fused_linear_cross_entropy(
     logit_soft_cap: ArrayLike | None = None,
     weights: ArrayLike | None = None,
     reduction: str = "none",
-) -> jax.Array:
+    return_stats: bool = False,
+) -> jax.Array | tuple[jax.Array, FusedStats]:
     r"""Cross-entropy of ``hidden @ weight`` without materialising the logits.
 
     .. math::
@@ -665,10 +818,23 @@ def fused_linear_cross_entropy(
         examples' weights (their count without ``weights``), and 0 with zero
         gradients when nothing is included. With the batch sharded over
         another mesh axis, "sum" and "mean" reduce this shard's examples.
+      return_stats: also return, from the same chunked pass, the
+        :class:`~jsoftmax.fused.FusedStats` of the logits ``y`` above (cap,
+        bias and temperature included) per example, whatever the
+        ``reduction``: ``logsumexp`` :math:`\mathrm{lse}(y_n)`, ``entropy``
+        :math:`H_n = \mathrm{lse}(y_n) - \sum_j p_{nj} y_{nj}`, ``p =
+        softmax(y_n)``, and ``argmax`` (a global class index under
+        ``axis_name``). ``logsumexp`` and ``entropy`` have exact gradients
+        with respect to ``hidden``, ``weight``, ``bias``, ``temperature``
+        and ``logit_soft_cap``, computed in the loss's backward pass; the
+        statistics do not depend on the labels. Only per-example vectors are
+        added to the memory, and the loss is bit for bit the one without
+        them.
 
     Returns:
       The per-example loss, shape ``labels.shape`` (a scalar for "sum" and
-      "mean"), in the dtype of ``hidden @ weight + bias``.
+      "mean"), in the dtype of ``hidden @ weight + bias``; with
+      ``return_stats``, the pair ``(loss, stats)``.
 
     Examples:
       >>> import jsoftmax
@@ -683,6 +849,12 @@ def fused_linear_cross_entropy(
       ...     hidden, weight, jnp.array([0, 1]), bias=jnp.array([0.0, 0.5, 0.0]),
       ...     logit_soft_cap=1.0, weights=jnp.array([1.0, 3.0]), reduction="mean")
       Array(0.5096075, dtype=float32)
+      >>> loss, stats = jsoftmax.fused_linear_cross_entropy(
+      ...     hidden, weight, jnp.array([0, 1]), return_stats=True)
+      >>> bool(jnp.allclose(stats.entropy, jsoftmax.entropy(hidden @ weight)))
+      True
+      >>> stats.argmax
+      Array([0, 1], dtype=int32)
     """
     # Checks on static information only: the device work is one jitted call.
     h, w = host_array(hidden), host_array(weight)
@@ -731,12 +903,14 @@ def fused_linear_cross_entropy(
             f"{_NAME}: reduction must be one of {', '.join(map(repr, _REDUCTIONS))}; "
             f"got {reduction!r}"
         )
+    if not isinstance(return_stats, (bool, np.bool_)):
+        raise TypeError(f"{_NAME}: return_stats must be True or False; got {return_stats!r}")
     dtype = jnp.dtype(jnp.result_type(h_dtype, w_dtype, *([b_dtype] if b is not None else [])))
     v = w.shape[1]
     t, layout = temperature_spec(_NAME, temperature, (*batch, v), (len(batch),))
     n = int(np.prod(batch, dtype=np.int64))
     chunk = _default_chunk_size(n, v) if chunk_size is None else int(min(chunk_size, v))
     return _fused_jit(
-        chunk, axis_name, batch, dtype, layout, reduction,
+        chunk, axis_name, batch, dtype, layout, reduction, bool(return_stats),
         h, w, b, lab, mask, t, cap, alpha, zeta, weights,
     )

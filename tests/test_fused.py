@@ -7,6 +7,8 @@ cross-entropy, logits divided by the temperature, z_loss * lse ** 2, and the
 gradient d loss / d logits = ((1 + 2 z lse) softmax - q) / t derived by hand.
 """
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -712,3 +714,238 @@ def test_llama3_scale_bfloat16_memory_fraction():
         optax.losses.softmax_cross_entropy_with_integer_labels(h @ w, y)))
     assert unfused >= n * v * 4
     assert fused * 30 <= unfused, (fused, unfused)
+
+
+# --------------------------------------------------------------------------
+# return_stats: logsumexp, entropy and argmax of the loss's own logits.
+# --------------------------------------------------------------------------
+
+
+def _stats_reference(h, w, g_lse, g_ent, *, bias=None, cap=None, t=1.0, mask=None):
+    """lse, entropy and argmax of y = cap tanh((h w + b) / cap) / t in float64
+    on materialised logits, and the gradients of sum(g_lse lse + g_ent H),
+    derived by hand: d lse / d y = p, d H / d y = -p (log p + H), then
+    through the temperature and the cap as in the loss's reference."""
+    h, w = np.asarray(h, np.float64), np.asarray(w, np.float64)
+    n = h.shape[0]
+    keep = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
+    t = np.broadcast_to(np.asarray(t, np.float64), (n,))[:, None]
+    logits = h @ w + (0.0 if bias is None else np.asarray(bias, np.float64))
+    capped = cap * np.tanh(logits / cap) if cap else logits
+    y = capped / t
+    top = y.max(axis=1, keepdims=True)
+    lse = top + np.log(np.exp(y - top).sum(axis=1, keepdims=True))
+    log_p = y - lse
+    p = np.exp(log_p)
+    ent = -(p * log_p).sum(axis=1)
+    g_lse = np.where(keep, np.asarray(g_lse, np.float64), 0.0)[:, None]
+    g_ent = np.where(keep, np.asarray(g_ent, np.float64), 0.0)[:, None]
+    dy = g_lse * p - g_ent * p * (log_p + ent[:, None])
+    d_capped = dy / t
+    if cap:
+        u = np.tanh(logits / cap)
+        d_logits = d_capped * (1 - u**2)
+        d_cap = (d_capped * (u - logits / cap * (1 - u**2))).sum()
+    else:
+        d_logits, d_cap = d_capped, 0.0
+    stats = (np.where(keep, lse[:, 0], 0.0), np.where(keep, ent, 0.0),
+             np.where(keep, np.argmax(y, axis=1), -1))
+    grads = {"hidden": d_logits @ w.T, "weight": h.T @ d_logits, "bias": d_logits.sum(axis=0),
+             "cap": d_cap, "temperature": -(dy * y).sum(axis=1) / t[:, 0]}
+    return stats, grads
+
+
+STATS_CASES = {
+    # chunk_size, reduction, options of the loss (t and cap are arguments)
+    "plain": (4, "none", {}),
+    "everything": (3, "mean", {"label_smoothing": 0.1, "z_loss": 0.02, "where": MASK}),
+    "default_chunk": (None, "sum", {"where": MASK}),
+}
+
+
+@pytest.fixture(scope="module")
+def stats_step():
+    """One jitted vjp of (loss, lse, entropy) shared by the cases (compiled once per case)."""
+
+    @partial(jax.jit, static_argnums=(0, 1, 2))
+    def step(chunk_size, reduction, keys, h, w, b, weights, t, cap, labels, cots, extra):
+        opts = dict(zip(keys, extra, strict=True))
+
+        def f(h, w, b, t, cap):
+            loss, stats = fused_linear_cross_entropy(
+                h, w, labels, bias=b, weights=weights, temperature=t, logit_soft_cap=cap,
+                chunk_size=chunk_size, reduction=reduction, return_stats=True, **opts)
+            return (loss, stats.logsumexp, stats.entropy), stats.argmax
+
+        (out, vjp, argmax) = jax.vjp(f, h, w, b, t, cap, has_aux=True)
+        # Forward passes only, with and without the statistics.
+        primal = f(h, w, b, t, cap)[0][0]
+        plain = fused_linear_cross_entropy(
+            h, w, labels, bias=b, weights=weights, temperature=t, logit_soft_cap=cap,
+            chunk_size=chunk_size, reduction=reduction, **opts)
+        return out, argmax, vjp(cots), (primal, plain)
+
+    return step
+
+
+@pytest.mark.parametrize("case", sorted(STATS_CASES))
+def test_stats_values_and_gradients(option_data, stats_step, case):
+    h, w, labels, bias, weights = option_data
+    chunk_size, reduction, opts = STATS_CASES[case]
+    t = np.linspace(0.6, 1.8, N).astype(np.float32)
+    cap = np.float32(2.5)
+    mask = opts.get("where")
+    rng = np.random.default_rng(11)
+    g_loss = np.float32(1.3) if reduction != "none" else np.linspace(0.5, 1.5, N, dtype=np.float32)
+    g_lse, g_ent = rng.normal(size=(2, N)).astype(np.float32)
+    keys = tuple(sorted(opts))
+    (loss, lse, ent), argmax, grads, (primal, plain) = stats_step(
+        chunk_size, reduction, keys, h, w, bias, weights, t, cap, labels,
+        (g_loss, g_lse, g_ent), tuple(opts[k] for k in keys))
+    # The loss is bit for bit the one without the statistics.
+    np.testing.assert_array_equal(primal, plain)
+    ref, _ = fused_reference(h, w, labels, bias=bias, cap=cap, t=t, weights=weights,
+                             reduction=reduction, alpha=opts.get("label_smoothing", 0.0),
+                             z=opts.get("z_loss", 0.0), mask=mask)
+    np.testing.assert_allclose(loss, ref, rtol=2e-5, atol=1e-5)
+    (want_lse, want_ent, want_argmax), want = _stats_reference(
+        h, w, g_lse, g_ent, bias=bias, cap=cap, t=t, mask=mask)
+    np.testing.assert_allclose(lse, want_lse, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(ent, want_ent, rtol=2e-5, atol=1e-6)
+    np.testing.assert_array_equal(argmax, want_argmax)
+    assert argmax.dtype == jnp.int32 and lse.shape == ent.shape == (N,)
+    # The gradients are the loss's plus the statistics' (both in float64).
+    _, loss_grads = fused_reference(
+        h, w, labels, g_loss, bias=bias, cap=cap, t=t, weights=weights, reduction=reduction,
+        alpha=opts.get("label_smoothing", 0.0), z=opts.get("z_loss", 0.0), mask=mask)
+    for name, actual in zip(("hidden", "weight", "bias", "temperature", "cap"), grads,
+                            strict=True):
+        expected = want[name] + loss_grads[name]
+        np.testing.assert_allclose(actual, expected, rtol=2e-4, atol=2e-5, err_msg=name)
+    if mask is not None:
+        assert not np.any(np.asarray(grads[0])[~mask])
+        assert np.all(np.asarray(argmax)[~mask] == -1)
+
+
+def test_stats_argmax_ties_are_the_lowest_index_across_chunks():
+    # Row 0: the maximum 2.0 at 1, 4 and 9 (three chunks of 3); row 1: at 10
+    # only (the remainder chunk); row 2: every logit equal; row 3: excluded.
+    x = np.zeros((4, V), np.float32)
+    x[0, [1, 4, 9]] = 2.0
+    x[1, 10] = 5.0
+    x[3, 2] = 7.0
+    h, w = np.eye(4, dtype=np.float32), x  # h @ w = x
+    where = np.array([True, True, True, False])
+    labels = np.zeros(4, np.int32)
+    _, stats = fused_linear_cross_entropy(h, w, labels, where=where, chunk_size=3,
+                                          return_stats=True)
+    np.testing.assert_array_equal(stats.argmax, [1, 10, 0, -1])
+    np.testing.assert_allclose(stats.entropy[2], np.log(V), rtol=1e-6)
+    assert stats.logsumexp[3] == 0 and stats.entropy[3] == 0
+
+
+def test_stats_of_an_out_of_range_label_stay_defined(data):
+    """The statistics do not depend on the label: an out-of-range one makes
+    the loss NaN but leaves them, and their gradients, those of its logits."""
+    h, w, labels, _ = data
+    labels = labels.copy()
+    labels[[1, 4]] = [-1, V]
+
+    def f(h):
+        loss, stats = fused_linear_cross_entropy(h, w, labels, chunk_size=4, return_stats=True)
+        return stats.logsumexp.sum() + stats.entropy.sum(), loss
+
+    (value, loss), dh = jax.value_and_grad(f, has_aux=True)(h)
+    (lse, ent, _), want = _stats_reference(h, w, np.ones(N), np.ones(N))
+    assert np.isnan(loss[1]) and np.isnan(loss[4])
+    np.testing.assert_allclose(value, lse.sum() + ent.sum(), rtol=1e-6)
+    np.testing.assert_allclose(dh, want["hidden"], rtol=2e-4, atol=1e-5)
+
+
+def test_stats_match_the_core_functions(option_data):
+    """logsumexp, entropy and argmax of the materialised capped logits, by the
+    library's unfused functions, in values and in autodiff gradients."""
+    h, w, labels, bias, _ = option_data
+    t = jnp.float32(0.8)
+
+    def fused(h, w, t):
+        _, stats = fused_linear_cross_entropy(h, w, labels, bias=bias, temperature=t,
+                                              logit_soft_cap=2.5, chunk_size=4,
+                                              return_stats=True)
+        return stats
+
+    def unfused(h, w, t):
+        y = 2.5 * jnp.tanh((h @ w + bias) / 2.5)
+        return jsoftmax.logsumexp(y, axis=-1, temperature=t), jsoftmax.entropy(y, temperature=t)
+
+    got = fused(h, w, t)
+    want = unfused(h, w, t)
+    np.testing.assert_allclose(got.logsumexp, want[0] / t, rtol=2e-6)
+    np.testing.assert_allclose(got.entropy, want[1], rtol=2e-5)
+    np.testing.assert_array_equal(got.argmax, np.argmax(np.asarray(h @ w + bias), axis=1))
+    def objective(lse, ent):
+        return jnp.sum(lse * jnp.arange(N)) - jnp.sum(ent)
+
+    g_fused = jax.grad(lambda *a: objective(*fused(*a)[:2]), (0, 1, 2))(h, w, t)
+    g_unfused = jax.grad(
+        lambda h, w, t: objective(unfused(h, w, t)[0] / t, unfused(h, w, t)[1]), (0, 1, 2)
+    )(h, w, t)
+    for actual, expected in zip(g_fused, g_unfused, strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=2e-4, atol=2e-5)
+
+
+def test_check_grads_stats_float64(x64):
+    rng = np.random.default_rng(3)
+    h = rng.normal(size=(4, 3))
+    w = 2 * rng.normal(size=(3, 7))
+    labels = np.array([0, 6, 3, 2], np.int32)
+    mask = np.array([True, True, False, True])
+
+    def f(h, w, b, cap, t):
+        loss, stats = fused_linear_cross_entropy(
+            h, w, labels, where=mask, chunk_size=3, temperature=t, bias=b,
+            logit_soft_cap=cap, z_loss=0.05, return_stats=True,
+        )
+        return jnp.sum(loss + stats.logsumexp * jnp.array([1.0, 0.5, 2.0, -1.0])
+                       - 0.7 * stats.entropy)
+
+    args = (h, w, rng.normal(size=7), 1.5, rng.uniform(0.5, 2, 4))
+    check_grads(f, args, order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+
+
+def test_stats_in_bfloat16(data):
+    h, _, _, _ = data
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(D, 700)).astype(np.float32)
+    labels = rng.integers(0, 700, size=N).astype(np.int32)
+    h_lo, w_lo = jnp.asarray(h, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+    _, stats = fused_linear_cross_entropy(h_lo, w_lo, labels, chunk_size=256,
+                                          return_stats=True)
+    assert stats.logsumexp.dtype == stats.entropy.dtype == jnp.bfloat16
+    (lse, ent, argmax), _ = _stats_reference(np.asarray(h_lo, np.float64),
+                                             np.asarray(w_lo, np.float64), np.ones(N), np.ones(N))
+    np.testing.assert_allclose(np.asarray(stats.logsumexp, np.float64), lse, rtol=1e-2)
+    np.testing.assert_allclose(np.asarray(stats.entropy, np.float64), ent, rtol=2e-2)
+    np.testing.assert_array_equal(stats.argmax, argmax)
+
+
+def test_return_stats_must_be_a_bool(data):
+    h, w, labels, _ = data
+    with pytest.raises(TypeError, match="return_stats must be True or False"):
+        fused_linear_cross_entropy(h, w, labels, return_stats="yes")
+
+
+@pytest.mark.codegen
+def test_stats_add_only_per_example_vectors():
+    """The statistics and their gradients add a few [N] vectors to the fused
+    step's temporaries, no [N, chunk] array (and no [N, V] one)."""
+    n, d, v, chunk = 1024, 64, 8192, 256
+
+    def with_stats(h, w, y):
+        loss, stats = fused_linear_cross_entropy(h, w, y, chunk_size=chunk, return_stats=True)
+        return loss + stats.logsumexp + 0.01 * stats.entropy
+
+    plain = _step_temp_bytes(n, d, v, jnp.float32, lambda h, w, y: fused_linear_cross_entropy(
+        h, w, y, chunk_size=chunk))
+    stats = _step_temp_bytes(n, d, v, jnp.float32, with_stats)
+    assert stats <= plain + 16 * n * 4, (stats, plain)
