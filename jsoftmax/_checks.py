@@ -224,26 +224,6 @@ def temperature_per_row(t: jax.Array | None, axes: tuple[int, ...]) -> jax.Array
     return jnp.squeeze(t, axes)[..., None]
 
 
-def broadcast_mask(name: str, where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | None:
-    """Broadcasts ``where`` to ``shape`` as a boolean array (None stays None)."""
-    if where is None:
-        return None
-    mask = jnp.asarray(where)
-    try:
-        target = np.broadcast_shapes(mask.shape, shape)
-    except ValueError:
-        target = None
-    if target != tuple(shape):
-        raise ValueError(
-            f"{name}: where has shape {mask.shape}, which does not broadcast to the "
-            f"input shape {tuple(shape)}; give a boolean mask of the input's shape "
-            "(or one that broadcasts to it)"
-        )
-    if mask.dtype != jnp.bool_:
-        mask = mask != 0
-    return jnp.broadcast_to(mask, shape)
-
-
 def reduced_shape(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
     """The shape left after reducing ``axes`` (without keepdims)."""
     return tuple(n for i, n in enumerate(shape) if i not in axes)
@@ -320,19 +300,6 @@ def shaped_temperature(
     if layout == "batch":
         t = jnp.expand_dims(jnp.broadcast_to(t, reduced_shape(shape, axes)), axes)
     return t
-
-
-def canonicalize_temperature(
-    name: str,
-    temperature: ArrayLike,
-    shape: tuple[int, ...],
-    axes: tuple[int, ...],
-    dtype: jnp.dtype,
-) -> jax.Array | None:
-    """:func:`temperature_spec` and :func:`shaped_temperature` in one step,
-    for callers that shape the temperature before their jitted call."""
-    value, layout = temperature_spec(name, temperature, shape, axes)
-    return shaped_temperature(value, layout, shape, axes, dtype)
 
 
 def mask_spec(name: str, where: ArrayLike | None, shape: tuple[int, ...]) -> ArrayLike | None:

@@ -241,7 +241,8 @@ def softmax_cross_entropy(
         \qquad 0 \cdot \log 0 = 0
 
     A drop-in replacement for ``optax.losses.softmax_cross_entropy`` (same
-    positional arguments, shapes and values), built on :func:`log_softmax`.
+    positional arguments, shapes and values), with the edge semantics of
+    :func:`jsoftmax.log_softmax`.
     Where optax gives NaN this gives the limit: a class with logit -inf and
     label 0 contributes 0 and zero gradient; a positive label on a class with
     logit -inf costs +inf. Classes masked out by ``where`` are dropped from
