@@ -740,13 +740,14 @@ def _cases_md(r: dict[str, Any]) -> list[str]:
     timing = r.get("timing", [])
     lines = [f"Cases measured before the part stopped: {len(timing)} (all their numbers are in "
              "gpu.json):", "",
-             "| function | vs | mode | dtype | shape | jsoftmax ms | reference ms | ratio |",
-             "|---|---|---|---|---|---:|---:|---:|"]
+             "| function | vs | mode | dtype | shape | jsoftmax ms | reference ms | ratio | "
+             "ratio vs guarded |",
+             "|---|---|---|---|---|---:|---:|---:|---:|"]
     for t in timing:
         lines.append(f"| {t.get('function')} | {t.get('reference')} | {t.get('mode')} | "
                      f"{t.get('dtype')} | {'x'.join(map(str, t.get('shape', [])))} | "
                      f"{_num(t.get('ours_ms'))} | {_num(t.get('ref_ms'))} | "
-                     f"**{_num(t.get('ratio'), '.2f')}** |")
+                     f"**{_num(t.get('ratio'), '.2f')}** | {_num(t.get('guard_ratio'), '.2f')} |")
     return lines
 
 

@@ -71,6 +71,11 @@ def test_quick_run_covers_every_case(quick):
             assert math.isfinite(t[key]) and t[key] > 0, (key, t)
         assert t["ratio_q25"] <= t["ratio"] <= t["ratio_q75"]
         assert t["ours_temp_bytes"] >= 0 and t["ref_temp_bytes"] >= 0
+        # Forward + backward is timed against the guarded reference too.
+        guarded = t["mode"] == "fwd+bwd"
+        for key in ("guard_ms", "guard_ratio"):
+            assert (math.isfinite(t[key]) and t[key] > 0) if guarded else t[key] is None, t
+        assert (t["guard_temp_bytes"] >= 0) if guarded else t["guard_temp_bytes"] is None
     assert quick["machine"]["jax"]
 
 
