@@ -278,9 +278,9 @@ def temperature_spec(
     keepdims = tuple(1 if i in axes else n for i, n in enumerate(shape))
     if not t_shape:
         return temperature, "scalar"
-    if _broadcasts_to(t_shape, batch):
+    if broadcasts_to(t_shape, batch):
         return temperature, "batch"
-    if len(t_shape) == len(shape) and _broadcasts_to(t_shape, keepdims):
+    if len(t_shape) == len(shape) and broadcasts_to(t_shape, keepdims):
         return temperature, "keepdims"
     raise ValueError(
         f"{name}: temperature of shape {t_shape} does not broadcast against the batch "
@@ -308,7 +308,7 @@ def mask_spec(name: str, where: ArrayLike | None, shape: tuple[int, ...]) -> Arr
     if where is None:
         return None
     mask_shape = tuple(np.shape(where))
-    if mask_shape != tuple(shape) and not _broadcasts_to(mask_shape, tuple(shape)):
+    if mask_shape != tuple(shape) and not broadcasts_to(mask_shape, tuple(shape)):
         raise ValueError(
             f"{name}: where has shape {mask_shape}, which does not broadcast to the "
             f"input shape {tuple(shape)}; give a boolean mask of the input's shape "
@@ -327,7 +327,7 @@ def shaped_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | 
     return jnp.broadcast_to(mask, shape)
 
 
-def _broadcasts_to(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
+def broadcasts_to(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
     try:
         return np.broadcast_shapes(src, dst) == tuple(dst)
     except ValueError:
@@ -341,7 +341,7 @@ def weights_spec(name: str, weights: ArrayLike | None, shape: tuple[int, ...]) -
     if weights is None:
         return None
     w_shape = tuple(np.shape(weights))
-    if not _broadcasts_to(w_shape, tuple(shape)):
+    if not broadcasts_to(w_shape, tuple(shape)):
         raise ValueError(
             f"{name}: weights has shape {w_shape}, which does not broadcast to the "
             f"examples' shape {tuple(shape)}; give one weight per example (labels' shape)"

@@ -27,7 +27,7 @@ from jax.typing import ArrayLike
 from jsoftmax import _normalise as nz
 from jsoftmax._checks import (
     Axis,
-    _broadcasts_to,
+    broadcasts_to,
     canonicalize_axes,
     cast_real,
     class_layout,
@@ -63,7 +63,7 @@ def _loss_mask_spec(name: str, where: ArrayLike | None, shape, axes):
     expand = len(mask_shape) != len(shape) and len(mask_shape) == len(shape) - len(axes)
     if expand:
         mask_shape = _expanded(mask_shape, axes)
-    if not _broadcasts_to(mask_shape, tuple(shape)):
+    if not broadcasts_to(mask_shape, tuple(shape)):
         raise ValueError(
             f"{name}: where has shape {mask_shape}, which does not broadcast to the "
             f"input shape {tuple(shape)}; give a boolean mask of the input's shape "
@@ -285,7 +285,7 @@ def softmax_cross_entropy(
     # Boolean labels are accepted as 0 / 1 probabilities, as optax does.
     y, label_dtype = real_spec(name, labels, "labels", allow_bool=True)
     shape, y_shape = tuple(np.shape(x)), tuple(np.shape(y))
-    if not _broadcasts_to(y_shape, shape):
+    if not broadcasts_to(y_shape, shape):
         raise ValueError(
             f"{name}: labels of shape {y_shape} do not broadcast to the logits' shape "
             f"{shape}; give one probability per logit (for class indices use "

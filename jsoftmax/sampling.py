@@ -18,7 +18,7 @@ from jax.typing import ArrayLike
 from jsoftmax import _normalise as nz
 from jsoftmax._checks import (
     Axis,
-    _broadcasts_to,
+    broadcasts_to,
     cast_real,
     class_layout,
     classes_last,
@@ -206,7 +206,7 @@ def _top_p_spec(name, top_p, shape, sorted_axes):
     if squeeze:
         p_shape = reduced_shape(p_shape, sorted_axes)
     batch = reduced_shape(shape, sorted_axes)
-    if not _broadcasts_to(p_shape, batch):
+    if not broadcasts_to(p_shape, batch):
         raise ValueError(
             f"{name}: top_p of shape {p_shape} does not broadcast to the batch shape "
             f"{batch}; pass a scalar or one value per slice"
