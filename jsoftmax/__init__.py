@@ -4,6 +4,7 @@ from jsoftmax.calibration import expected_calibration_error, fit_temperature, re
 from jsoftmax.core import log_softmax, logsumexp, softmax
 from jsoftmax.divergence import entropy, kl_divergence
 from jsoftmax.fused import fused_linear_cross_entropy
+from jsoftmax.fused_divergence import fused_linear_kl_divergence
 from jsoftmax.losses import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
 from jsoftmax.sampling import gumbel_softmax, sample
 from jsoftmax.segment import segment_log_softmax, segment_logsumexp, segment_softmax
@@ -16,6 +17,7 @@ __all__ = [
     "expected_calibration_error",
     "fit_temperature",
     "fused_linear_cross_entropy",
+    "fused_linear_kl_divergence",
     "gumbel_softmax",
     "kl_divergence",
     "log_softmax",

@@ -172,6 +172,14 @@ def _linear(h, w, bias, start, size):
     return z
 
 
+def _chunk_logits(h, w_c, bias_c, start, size, cap, inv_t):
+    """``(y, z, th)`` of a chunk: the scaled logits ``y = cap(z) * inv_t``, the
+    raw ``z = h @ w + bias`` and :func:`_soft_cap`'s tanh."""
+    z = _linear(h, w_c, bias_c, start, size)
+    capped, th = _soft_cap(z, cap)
+    return (capped if inv_t is None else capped * inv_t), z, th
+
+
 def _cap_on(cap):
     """Whether capping applies: 0 and inf (the identity's limit) switch it off."""
     return (cap > 0) & jnp.isfinite(cap)
@@ -192,7 +200,10 @@ def _soft_cap_grads(z, th, cap):
     on = _cap_on(cap)
     # 1 - tanh**2 as a product keeps a little more accuracy near |tanh| = 1.
     slope = (1.0 - th) * (1.0 + th)
-    u = z / select(on, cap, 1.0)
+    # An excluded (-inf) logit is capped to -c, where slope is 0: u * slope
+    # -> 0, which the clamp keeps from being -inf * 0.
+    big = jnp.finfo(z.dtype).max
+    u = jnp.clip(z / select(on, cap, 1.0), -big, big)
     return select(on, slope, 1.0), select(on, th - u * slope, 0.0)
 
 
@@ -293,13 +304,10 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask, stats=False
         # Masked rows compute on zeros, so a NaN there cannot leak anywhere.
         h = select(mask[:, None], h, jnp.zeros((), h.dtype))
 
-    def scaled(z):
-        return z if inv_t is None else z * inv_t
-
     def step(carry, start, size):
         m, rest, y_label, y_sum, *extra = carry
         w_c, bias_c = per_chunk(start, w, bias)
-        y = scaled(_soft_cap(_linear(h, w_c, bias_c, start, size), cap)[0])
+        y = _chunk_logits(h, w_c, bias_c, start, size, cap, inv_t)[0]
         m_new, shift, exps, decay = _online_step(m, y)
         cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
         hit = cols == labels[:, None]
@@ -454,21 +462,89 @@ def _fused_fwd(chunk, axis_name, stats, h, w, bias, labels, t, cap, mask, alpha,
     return out, residuals
 
 
-def _fused_bwd(chunk, axis_name, stats, residuals, cotangent):
-    h, w, bias, labels, t, cap, mask, alpha, z_loss, lse, y_label, y_sum, valid, ent = residuals
+def _check_vma(name, axis_name, w):
+    """Refuses gradients under shard_map without the varying-axes types: the
+    cotangent could not be told apart from a replicated one, and the weight
+    gradient would come out scaled."""
     if axis_name is not None and not set(_axis_names(axis_name)) <= _vma(w):
-        # Without the varying-axes types, shard_map hands us a cotangent we
-        # cannot tell apart from a replicated one, and the weight gradient
-        # would come out scaled.
         raise ValueError(
-            f"{_NAME}: gradients with axis_name={axis_name!r} need jax.shard_map with "
+            f"{name}: gradients with axis_name={axis_name!r} need jax.shard_map with "
             "check_vma=True (the default) and weight sharded over that axis"
         )
-    n = h.shape[0]
+
+
+def _row_inverse(t, n):
+    """1 / t as a scalar or an [N, 1] column (None without a temperature)."""
+    inv_t = _inverse(t)
+    return inv_t if inv_t is None or inv_t.ndim == 0 else inv_t.reshape(n, 1)
+
+
+def _grad_carry(h, w, bias):
+    """Zeros for :func:`_grad_step`'s ``(dh, dw, db, ty, tc)``."""
+    acc = _acc(h.dtype)
+    return (
+        jnp.zeros(h.shape, acc),
+        jnp.zeros(w.shape, w.dtype),
+        jnp.zeros(() if bias is None else bias.shape, w.dtype if bias is None else bias.dtype),
+        jnp.zeros(h.shape[:1], acc),
+        jnp.zeros(h.shape[:1], acc),
+    )
+
+
+def _option_grads(dy, y, z, th, cap, inv_t, ty, tc):
+    """``d out / d z`` from a chunk's ``dy = d out / d y`` (y the scaled
+    logits, -inf made finite by the caller), and the per-example sums ``ty``
+    and ``tc`` that give the temperature's and the cap's gradients."""
+    if inv_t is not None:
+        # d y / d capped = 1 / t.
+        dy = dy * inv_t
+        ty = ty + jnp.sum(dy * y, axis=1)
+    if cap is not None:
+        # Through the cap: d capped / d z = 1 - tanh(z / c)**2.
+        slope, d_cap = _soft_cap_grads(z, th, cap)
+        tc = tc + jnp.sum(dy * d_cap, axis=1)
+        dy = dy * slope
+    return dy, ty, tc
+
+
+def _grad_step(carry, dy, y, z, th, cap, inv_t, h, h_t_c, w_c, bias, start, size):
+    """Adds a chunk's ``dy = d out / d y`` into ``(dh, dw, db, ty, tc)``: the
+    gradients of hidden, weight and bias, and the per-example sums of
+    :func:`_option_grads`."""
+    dh, dw, db, ty, tc = carry
+    dy, ty, tc = _option_grads(dy, y, z, th, cap, inv_t, ty, tc)
+    dz = dy.astype(w_c.dtype)
+    dh = dh + _dot_nt(dz, _cols(w_c, start, size))
+    dw_c = _dot_tn(h, h_t_c, dz.astype(h.dtype)).astype(dw.dtype)
+    dw = lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=1)
+    if bias is not None:
+        db_c = jnp.sum(dy, axis=0).astype(bias.dtype)
+        db = lax.dynamic_update_slice_in_dim(db, db_c, start, axis=0)
+    return dh, dw, db, ty, tc
+
+
+def _grad_outputs(axis_name, t, cap, dh, ty, tc):
+    """hidden's gradient summed over the shards, and the temperature's and
+    the cap's from their per-example sums."""
+    dh = _psum(dh, axis_name)
+    dt = None
+    if t is not None:
+        # y = z / t, so d out / d t = -sum_j (d out / d y_j) y_j / t (ty
+        # holds the sum with the 1 / t folded in).
+        dt_rows = -_psum(ty, axis_name)
+        dt = jnp.sum(dt_rows) if t.ndim == 0 else dt_rows.reshape(t.shape)
+        dt = dt.astype(t.dtype)
+    d_cap = None if cap is None else jnp.sum(_psum(tc, axis_name)).astype(cap.dtype)
+    return dh, dt, d_cap
+
+
+def _fused_bwd(chunk, axis_name, stats, residuals, cotangent):
+    h, w, bias, labels, t, cap, mask, alpha, z_loss, lse, y_label, y_sum, valid, ent = residuals
+    _check_vma(_NAME, axis_name, w)
     v_local = w.shape[1]
     vocab = _vocab_size(axis_name, v_local)
     offset = _shard_offset(axis_name, v_local)
-    inv_t = _inverse(t)
+    inv_t = _row_inverse(t, h.shape[0])
     acc = _acc(h.dtype)
     g, g_lse, g_ent = (c.astype(acc) for c in cotangent[:3]) if stats else (cotangent, 0, 0)
     g = g.astype(acc)
@@ -489,62 +565,26 @@ def _fused_bwd(chunk, axis_name, stats, residuals, cotangent):
     a = a[:, None]
     b = (g * (1 - alpha))[:, None]
     e = (g * (alpha / vocab))[:, None]
-    # d y / d z = 1 / t, folded into the coefficients.
-    if inv_t is not None:
-        row_inv_t = inv_t if inv_t.ndim == 0 else inv_t.reshape(n, 1)
     lse_col = lse[:, None]
     h_t = _transposed_once(h)
 
     def step(carry, start, size):
-        dh, dw, db, ty, tc = carry
         # h_t too: else, in a loop XLA unrolls, its transpose would be folded
         # into a 16-bit matmul that XLA:CPU cannot run.
         w_c, bias_c, h_t_c = per_chunk(start, w, bias, h_t)
-        z = _linear(h, w_c, bias_c, start, size)
-        capped, th = _soft_cap(z, cap)
-        y = capped if inv_t is None else capped * row_inv_t
+        y, z, th = _chunk_logits(h, w_c, bias_c, start, size, cap, inv_t)
         log_p = y - lse_col
         p = jnp.exp(log_p)
         cols = offset + start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
         dy = a * p - select(cols == labels[:, None], b, 0.0) - e
         if stats:
             dy = dy - g_ent_col * _moment_terms(p, log_p)
-        if inv_t is not None:
-            dy = dy * row_inv_t
-            ty = ty + jnp.sum(dy * y, axis=1)
-        if cap is not None:
-            # Through the cap: d capped / d z = 1 - tanh(z / c)**2.
-            slope, d_cap = _soft_cap_grads(z, th, cap)
-            tc = tc + jnp.sum(dy * d_cap, axis=1)
-            dy = dy * slope
-        dz = dy.astype(w.dtype)
-        dh = dh + _dot_nt(dz, _cols(w_c, start, size))
-        dw_c = _dot_tn(h, h_t_c, dz.astype(h.dtype)).astype(w.dtype)
-        dw = lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=1)
-        if bias is not None:
-            db_c = jnp.sum(dy, axis=0).astype(bias.dtype)
-            db = lax.dynamic_update_slice_in_dim(db, db_c, start, axis=0)
-        return dh, dw, db, ty, tc
+        return _grad_step(carry, dy, y, z, th, cap, inv_t, h, h_t_c, w_c, bias, start, size)
 
-    carry = (
-        jnp.zeros(h.shape, acc),
-        jnp.zeros(w.shape, w.dtype),
-        jnp.zeros(() if bias is None else bias.shape, w.dtype if bias is None else bias.dtype),
-        jnp.zeros((n,), acc),
-        jnp.zeros((n,), acc),
-    )
     axes = _vma(h, w, bias, labels, inv_t, cap, a, b, e, *([g_ent] if stats else []))
-    carry = tuple(_varying(c, axes) for c in carry)
+    carry = tuple(_varying(c, axes) for c in _grad_carry(h, w, bias))
     dh, dw, db, ty, tc = _over_chunks(step, carry, v_local, chunk)
-    dh = _psum(dh, axis_name)
-    dt = None
-    if t is not None:
-        # y = z / t, so d loss / d t = -sum_j (d loss / d y_j) y_j / t (ty
-        # holds the sum with the 1 / t folded in).
-        dt_rows = -_psum(ty, axis_name)
-        dt = jnp.sum(dt_rows) if t.ndim == 0 else dt_rows.reshape(t.shape)
-        dt = dt.astype(t.dtype)
-    d_cap = None if cap is None else jnp.sum(_psum(tc, axis_name)).astype(cap.dtype)
+    dh, dt, d_cap = _grad_outputs(axis_name, t, cap, dh, ty, tc)
     # The options' own derivatives are cheap: both are per-example numbers.
     d_alpha = jnp.sum(g * (y_label - y_sum / vocab)).astype(alpha.dtype)
     d_z = jnp.sum(g * lse * lse).astype(z_loss.dtype)
@@ -597,6 +637,51 @@ def _reduce(loss, mask, weights, reduction):
     return select(empty, 0.0, total / select(empty, 1.0, count))
 
 
+def _rows(batch, dtype, h, w, bias):
+    """hidden as [N, D] rows, weight and bias, cast to ``dtype``."""
+    h, w = jnp.asarray(h).astype(dtype), jnp.asarray(w).astype(dtype)
+    bias = None if bias is None else jnp.asarray(bias).astype(dtype)
+    n = int(np.prod(batch, dtype=np.int64))
+    return h.reshape(n, w.shape[0]), w, bias
+
+
+def _row_options(batch, v, layout, where, t, cap, acc):
+    """The mask per row, the temperature (a scalar or an [N, 1] column) and
+    the cap, in the accumulation dtype."""
+    n = int(np.prod(batch, dtype=np.int64))
+    mask = shaped_mask(where, batch)
+    mask = None if mask is None else mask.reshape(n)
+    t = shaped_temperature(t, layout, (*batch, v), (len(batch),), acc)
+    if t is not None and t.ndim:
+        t = jnp.broadcast_to(t, (*batch, 1)).reshape(n, 1)
+    cap = None if cap is None else jnp.asarray(cap).astype(acc)
+    return mask, t, cap
+
+
+def _vary(name, axis_name, weights, biases, others):
+    """Inside shard_map, every input given the varying mesh axes of all of
+    them except ``axis_name`` (a data-parallel batch, say), so that the
+    custom derivative sees one type; the transposes of these casts sum the
+    gradients of replicated inputs over those axes. ``weights`` maps each
+    weight's argument name to it: each must vary over ``axis_name``. The
+    biases are slices of the vocabulary like the weights' columns."""
+    names = set() if axis_name is None else set(_axis_names(axis_name))
+    every = _vma(*weights.values(), *biases, *others)
+    for arg, w in weights.items():
+        if names and every and not names <= _vma(w):
+            raise ValueError(
+                f"{name}: axis_name={axis_name!r} but {arg} does not vary over that mesh "
+                f"axis; shard {arg}'s vocabulary axis over it, e.g. in_specs=P(None, "
+                f"{axis_name!r}) in jax.shard_map"
+            )
+    rest = every - names
+    return (
+        [_varying(w, rest) for w in weights.values()],
+        [_varying(b, every) for b in biases],
+        [_varying(x, rest) for x in others],
+    )
+
+
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def _fused_jit(
     chunk, axis_name, batch, dtype, layout, reduction, stats,
@@ -606,38 +691,15 @@ def _fused_jit(
     and reshapes to [N, D] rows, the temperature per row, the loss, its
     weights and reduction (and the statistics, per example)."""
     acc = _acc(dtype)
-    h, w = jnp.asarray(h).astype(dtype), jnp.asarray(w).astype(dtype)
-    bias = None if bias is None else jnp.asarray(bias).astype(dtype)
-    n = int(np.prod(batch, dtype=np.int64))
-    d, v = w.shape
-    h2 = h.reshape(n, d)
+    h2, w, bias = _rows(batch, dtype, h, w, bias)
+    n = h2.shape[0]
     # Widened, never narrowed: an int64 label must not wrap into range.
     lab = widen_labels(jnp.asarray(labels)).reshape(n)
-    mask = shaped_mask(where, batch)
-    mask = None if mask is None else mask.reshape(n)
-    t = shaped_temperature(t, layout, (*batch, v), (len(batch),), acc)
-    if t is not None and t.ndim:
-        t = jnp.broadcast_to(t, (*batch, 1)).reshape(n, 1)
-    cap = None if cap is None else jnp.asarray(cap).astype(acc)
+    mask, t, cap = _row_options(batch, w.shape[1], layout, where, t, cap, acc)
     alpha, zeta = jnp.asarray(alpha).astype(acc), jnp.asarray(zeta).astype(acc)
-    # Inside shard_map, give every input the varying mesh axes of all of them
-    # except ``axis_name`` (a data-parallel batch, say), so that the custom
-    # derivative sees one type; the transposes of these casts sum the
-    # gradients of replicated inputs over those axes.
-    names = set() if axis_name is None else set(_axis_names(axis_name))
-    every = _vma(h2, w, bias, lab, t, cap, mask, alpha, zeta)
-    if names and every and not names <= _vma(w):
-        raise ValueError(
-            f"{_NAME}: axis_name={axis_name!r} but weight does not vary over that mesh axis; "
-            "shard weight's vocabulary axis over it, e.g. in_specs=P(None, "
-            f"{axis_name!r}) in jax.shard_map"
-        )
-    others = every - names
-    h2, w, lab, t, cap, mask, alpha, zeta = (
-        _varying(x, others) for x in (h2, w, lab, t, cap, mask, alpha, zeta)
+    (w,), (bias,), (h2, lab, t, cap, mask, alpha, zeta) = _vary(
+        _NAME, axis_name, {"weight": w}, (bias,), (h2, lab, t, cap, mask, alpha, zeta)
     )
-    # The bias is a slice of the vocabulary like weight's columns.
-    bias = _varying(bias, every)
     out = _fused(chunk, axis_name, stats, h2, w, bias, lab, t, cap, mask, alpha, zeta)
     loss = out[0] if stats else out
     if weights is not None:
@@ -650,18 +712,57 @@ def _fused_jit(
     return loss, FusedStats(lse.astype(dtype), ent.astype(dtype), argmax)
 
 
-def _float_dtype(arg, x):
+def _float_dtype(name, arg, x):
     """The float dtype ``x`` is computed in (integers promote to the default
     float), from static information only."""
-    dtype = dtype_of(_NAME, x, arg)
+    dtype = dtype_of(name, x, arg)
     if jnp.issubdtype(dtype, jnp.floating):
         return dtype
     if jnp.issubdtype(dtype, jnp.integer):
         return jnp.dtype(jnp.result_type(float))
     raise TypeError(
-        f"{_NAME}: {arg} has dtype {dtype}, which is not a real number type; "
+        f"{name}: {arg} has dtype {dtype}, which is not a real number type; "
         f"cast it first, e.g. {arg}.astype(jnp.float32)"
     )
+
+
+def _check_linear(name, hidden, weight, hidden_arg="hidden", weight_arg="weight"):
+    """``(h, w, dtypes)`` of a [..., D] hidden and a [D, V] weight."""
+    h, w = host_array(hidden), host_array(weight)
+    dtypes = [_float_dtype(name, hidden_arg, h), _float_dtype(name, weight_arg, w)]
+    if h.ndim < 1:
+        raise ValueError(f"{name}: {hidden_arg} must have shape [N, D]; got a scalar")
+    if w.ndim != 2:
+        raise ValueError(f"{name}: {weight_arg} must have shape [D, V]; got shape {w.shape}")
+    if h.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"{name}: {hidden_arg} has shape {h.shape} and {weight_arg} {w.shape}; "
+            f"{hidden_arg}'s last axis (D = {h.shape[-1]}) must equal {weight_arg}'s first "
+            f"axis ({w.shape[0]}). If your {weight_arg} is [V, D] (an embedding table), pass "
+            f"{weight_arg}.T"
+        )
+    if w.shape[1] == 0:
+        raise ValueError(f"{name}: {weight_arg} has no vocabulary columns (shape {w.shape})")
+    return h, w, dtypes
+
+
+def _check_chunk_and_axis(name, chunk_size, axis_name):
+    if chunk_size is not None and (
+        not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
+    ):
+        raise TypeError(f"{name}: chunk_size must be a positive int or None; got {chunk_size!r}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"{name}: chunk_size must be a positive int; got {chunk_size}")
+    if axis_name is not None and not isinstance(axis_name, Hashable):
+        raise TypeError(f"{name}: axis_name must be a mesh axis name or None; got {axis_name!r}")
+
+
+def _check_reduction(name, reduction):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"{name}: reduction must be one of {', '.join(map(repr, _REDUCTIONS))}; "
+            f"got {reduction!r}"
+        )
 
 
 def _check_option(arg, value, low, high, hint):
@@ -677,7 +778,7 @@ def _check_option(arg, value, low, high, hint):
     return host_array(value)
 
 
-def _check_temperature(temperature):
+def _check_temperature(name, temperature):
     """The limits t = 0 and t = inf are not supported: a Python or NumPy one
     raises; one in a JAX array is never read back and gives NaN."""
     if is_traced(temperature) or isinstance(temperature, jax.Array):
@@ -689,27 +790,27 @@ def _check_temperature(temperature):
         bad = np.any(values == 0) or np.any(np.isinf(values))
     if bad:
         raise ValueError(
-            f"{_NAME}: temperature must be finite and > 0 here; for the hard-max (0) or "
-            "uniform (inf) limits use the unfused loss on hidden @ weight"
+            f"{name}: temperature must be finite and > 0 here; for the hard-max (0) or "
+            "uniform (inf) limits use the unfused function on hidden @ weight"
         )
 
 
-def _check_bias(bias, w_shape):
+def _check_bias(name, bias, w_shape, arg="bias", weight_arg="weight"):
     """``(value, dtype)`` of a [V] bias (``(None, None)`` without one)."""
     if bias is None:
         return None, None
     b = host_array(bias)
-    b_dtype = _float_dtype("bias", b)
+    b_dtype = _float_dtype(name, arg, b)
     if tuple(b.shape) != (w_shape[1],):
         raise ValueError(
-            f"{_NAME}: bias has shape {tuple(b.shape)} but weight {tuple(w_shape)}; give "
-            f"one bias per vocabulary column, shape ({w_shape[1]},) (with axis_name, this "
-            "shard's slice, sharded like weight's columns)"
+            f"{name}: {arg} has shape {tuple(b.shape)} but {weight_arg} {tuple(w_shape)}; "
+            f"give one bias per vocabulary column, shape ({w_shape[1]},) (with axis_name, "
+            f"this shard's slice, sharded like {weight_arg}'s columns)"
         )
     return b, b_dtype
 
 
-def _check_soft_cap(cap):
+def _check_soft_cap(name, cap):
     """The soft cap as an operand, or None when it is off (None, 0 or inf).
 
     A Python or NumPy value must be >= 0; one in a JAX array, traced or not,
@@ -719,14 +820,14 @@ def _check_soft_cap(cap):
         return None
     if np.ndim(cap) != 0:
         raise ValueError(
-            f"{_NAME}: logit_soft_cap must be a scalar; got shape {np.shape(cap)}"
+            f"{name}: logit_soft_cap must be a scalar; got shape {np.shape(cap)}"
         )
     if is_traced(cap) or isinstance(cap, jax.Array):
         return cap
     c = float(cap) if isinstance(cap, (int, float)) else float(np.asarray(cap))
     if not c >= 0:
         raise ValueError(
-            f"{_NAME}: logit_soft_cap must be > 0 (Gemma 2 uses 30.0), or None or 0 for no "
+            f"{name}: logit_soft_cap must be > 0 (Gemma 2 uses 30.0), or None or 0 for no "
             f"capping; got {c!r}"
         )
     return None if c in (0.0, np.inf) else host_array(cap)
@@ -857,20 +958,7 @@ def fused_linear_cross_entropy(
       Array([0, 1], dtype=int32)
     """
     # Checks on static information only: the device work is one jitted call.
-    h, w = host_array(hidden), host_array(weight)
-    h_dtype, w_dtype = _float_dtype("hidden", h), _float_dtype("weight", w)
-    if h.ndim < 1:
-        raise ValueError(f"{_NAME}: hidden must have shape [N, D]; got a scalar")
-    if w.ndim != 2:
-        raise ValueError(f"{_NAME}: weight must have shape [D, V]; got shape {w.shape}")
-    if h.shape[-1] != w.shape[0]:
-        raise ValueError(
-            f"{_NAME}: hidden has shape {h.shape} and weight {w.shape}; hidden's last axis "
-            f"(D = {h.shape[-1]}) must equal weight's first axis ({w.shape[0]}). If your "
-            "weight is [V, D] (an embedding table), pass weight.T"
-        )
-    if w.shape[1] == 0:
-        raise ValueError(f"{_NAME}: weight has no vocabulary columns (shape {w.shape})")
+    h, w, dtypes = _check_linear(_NAME, hidden, weight)
     lab = host_array(labels)
     if not jnp.issubdtype(lab.dtype, jnp.integer):
         raise TypeError(
@@ -884,28 +972,17 @@ def fused_linear_cross_entropy(
             f"batch shape {batch}; give one label per row of hidden"
         )
     mask = None if where is None else host_array(mask_spec(_NAME, where, batch))
-    if chunk_size is not None and (
-        not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
-    ):
-        raise TypeError(f"{_NAME}: chunk_size must be a positive int or None; got {chunk_size!r}")
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"{_NAME}: chunk_size must be a positive int; got {chunk_size}")
-    if axis_name is not None and not isinstance(axis_name, Hashable):
-        raise TypeError(f"{_NAME}: axis_name must be a mesh axis name or None; got {axis_name!r}")
-    _check_temperature(temperature)
+    _check_chunk_and_axis(_NAME, chunk_size, axis_name)
+    _check_temperature(_NAME, temperature)
     alpha = _check_option("label_smoothing", label_smoothing, 0.0, 1.0, "0 = no smoothing")
     zeta = _check_option("z_loss", z_loss, 0.0, np.inf, "0 = no z-loss; PaLM uses 1e-4")
-    b, b_dtype = _check_bias(bias, w.shape)
-    cap = _check_soft_cap(logit_soft_cap)
+    b, b_dtype = _check_bias(_NAME, bias, w.shape)
+    cap = _check_soft_cap(_NAME, logit_soft_cap)
     weights = weights_spec(_NAME, weights, batch)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(
-            f"{_NAME}: reduction must be one of {', '.join(map(repr, _REDUCTIONS))}; "
-            f"got {reduction!r}"
-        )
+    _check_reduction(_NAME, reduction)
     if not isinstance(return_stats, (bool, np.bool_)):
         raise TypeError(f"{_NAME}: return_stats must be True or False; got {return_stats!r}")
-    dtype = jnp.dtype(jnp.result_type(h_dtype, w_dtype, *([b_dtype] if b is not None else [])))
+    dtype = jnp.dtype(jnp.result_type(*dtypes, *([b_dtype] if b is not None else [])))
     v = w.shape[1]
     t, layout = temperature_spec(_NAME, temperature, (*batch, v), (len(batch),))
     n = int(np.prod(batch, dtype=np.int64))
