@@ -427,6 +427,19 @@ def _inverse(t):
     return None if t is None else 1.0 / t
 
 
+def _valid_options(t, cap):
+    """Per example, whether the temperature and the cap are valid (None when
+    both are static): a traced t <= 0, inf or NaN, or a negative or NaN cap,
+    gives NaN."""
+    ok = None
+    if t is not None:
+        ok = (t > 0) & jnp.isfinite(t)
+        ok = ok.reshape(ok.shape[:1]) if ok.ndim else ok
+    if cap is not None:
+        ok = cap >= 0 if ok is None else ok & (cap >= 0)
+    return ok
+
+
 def _fused_fwd(chunk, axis_name, stats, h, w, bias, labels, t, cap, mask, alpha, z_loss):
     """The loss, and with ``stats`` also ``(lse, entropy, argmax)`` per example."""
     lse, gap, y_label, y_sum, valid, extra = _forward(
@@ -434,14 +447,8 @@ def _fused_fwd(chunk, axis_name, stats, h, w, bias, labels, t, cap, mask, alpha,
     )
     vocab = _vocab_size(axis_name, w.shape[1])
     loss = _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab)
-    ok = True
-    if t is not None:
-        ok = (t > 0) & jnp.isfinite(t)
-        ok = ok.reshape(ok.shape[:1]) if ok.ndim else ok
-    if cap is not None:
-        # A traced negative or NaN cap: NaN, as for an invalid temperature.
-        ok = ok & (cap >= 0)
-    if ok is not True:
+    ok = _valid_options(t, cap)
+    if ok is not None:
         loss = select(ok, loss, jnp.nan)
     entropy = None
     out = loss
@@ -450,7 +457,7 @@ def _fused_fwd(chunk, axis_name, stats, h, w, bias, labels, t, cap, mask, alpha,
         # The statistics do not depend on the label: an out-of-range one
         # leaves them defined. An excluded example gives 0, 0 and -1.
         lse_out, ent_out = lse, entropy
-        if ok is not True:
+        if ok is not None:
             lse_out, ent_out = select(ok, lse_out, jnp.nan), select(ok, ent_out, jnp.nan)
         if mask is not None:
             lse_out, ent_out = select(mask, lse_out, 0.0), select(mask, ent_out, 0.0)
@@ -746,7 +753,11 @@ def _check_linear(name, hidden, weight, hidden_arg="hidden", weight_arg="weight"
     return h, w, dtypes
 
 
-def _check_chunk_and_axis(name, chunk_size, axis_name):
+def _check_options(name, batch, where, chunk_size, axis_name, temperature, cap, weights,
+                   reduction):
+    """The checks of the options every fused function takes; returns the
+    mask, the cap and the weights as operands."""
+    mask = None if where is None else host_array(mask_spec(name, where, batch))
     if chunk_size is not None and (
         not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
     ):
@@ -755,14 +766,13 @@ def _check_chunk_and_axis(name, chunk_size, axis_name):
         raise ValueError(f"{name}: chunk_size must be a positive int; got {chunk_size}")
     if axis_name is not None and not isinstance(axis_name, Hashable):
         raise TypeError(f"{name}: axis_name must be a mesh axis name or None; got {axis_name!r}")
-
-
-def _check_reduction(name, reduction):
+    _check_temperature(name, temperature)
     if reduction not in _REDUCTIONS:
         raise ValueError(
             f"{name}: reduction must be one of {', '.join(map(repr, _REDUCTIONS))}; "
             f"got {reduction!r}"
         )
+    return mask, _check_soft_cap(name, cap), weights_spec(name, weights, batch)
 
 
 def _check_option(arg, value, low, high, hint):
@@ -971,15 +981,13 @@ def fused_linear_cross_entropy(
             f"{_NAME}: labels has shape {tuple(lab.shape)} but hidden {tuple(h.shape)} has "
             f"batch shape {batch}; give one label per row of hidden"
         )
-    mask = None if where is None else host_array(mask_spec(_NAME, where, batch))
-    _check_chunk_and_axis(_NAME, chunk_size, axis_name)
-    _check_temperature(_NAME, temperature)
+    mask, cap, weights = _check_options(
+        _NAME, batch, where, chunk_size, axis_name, temperature, logit_soft_cap, weights,
+        reduction,
+    )
     alpha = _check_option("label_smoothing", label_smoothing, 0.0, 1.0, "0 = no smoothing")
     zeta = _check_option("z_loss", z_loss, 0.0, np.inf, "0 = no z-loss; PaLM uses 1e-4")
     b, b_dtype = _check_bias(_NAME, bias, w.shape)
-    cap = _check_soft_cap(_NAME, logit_soft_cap)
-    weights = weights_spec(_NAME, weights, batch)
-    _check_reduction(_NAME, reduction)
     if not isinstance(return_stats, (bool, np.bool_)):
         raise TypeError(f"{_NAME}: return_stats must be True or False; got {return_stats!r}")
     dtype = jnp.dtype(jnp.result_type(*dtypes, *([b_dtype] if b is not None else [])))

@@ -26,18 +26,15 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
-from jsoftmax._checks import host_array, mask_spec, temperature_spec, weights_spec
+from jsoftmax._checks import temperature_spec
 from jsoftmax._normalise import select
 from jsoftmax._xla_cpu import per_chunk, sums
 from jsoftmax.core import AxisName
 from jsoftmax.fused import (
     _acc,
     _check_bias,
-    _check_chunk_and_axis,
     _check_linear,
-    _check_reduction,
-    _check_soft_cap,
-    _check_temperature,
+    _check_options,
     _check_vma,
     _chunk_logits,
     _default_chunk_size,
@@ -55,6 +52,7 @@ from jsoftmax.fused import (
     _row_options,
     _rows,
     _transposed_once,
+    _valid_options,
     _vary,
     _varying,
     _vma,
@@ -156,14 +154,8 @@ def _kl_value(chunk, axis_name, h, w, bias, ht, wt, bt, t, cap, mask):
     kl, lse_s, lse_t = _forward(
         chunk, axis_name, (h, w, bias), (ht, wt, bt), _inverse(t), cap, mask
     )
-    ok = True
-    if t is not None:
-        ok = (t > 0) & jnp.isfinite(t)
-        ok = ok.reshape(ok.shape[:1]) if ok.ndim else ok
-    if cap is not None:
-        # A traced negative or NaN cap or temperature: NaN.
-        ok = ok & (cap >= 0)
-    if ok is not True:
+    ok = _valid_options(t, cap)
+    if ok is not None:
         kl = select(ok, kl, jnp.nan)
     if mask is not None:
         kl = select(mask, kl, 0.0)
@@ -376,14 +368,12 @@ def fused_linear_kl_divergence(
             f"{_NAME}: teacher_weight has {wt.shape[1]} vocabulary columns but weight "
             f"{w.shape[1]}; the teacher and the student must share the vocabulary"
         )
-    mask = None if where is None else host_array(mask_spec(_NAME, where, batch))
-    _check_chunk_and_axis(_NAME, chunk_size, axis_name)
-    _check_temperature(_NAME, temperature)
+    mask, cap, weights = _check_options(
+        _NAME, batch, where, chunk_size, axis_name, temperature, logit_soft_cap, weights,
+        reduction,
+    )
     b, b_dtype = _check_bias(_NAME, bias, w.shape)
     bt, bt_dtype = _check_bias(_NAME, teacher_bias, wt.shape, "teacher_bias", "teacher_weight")
-    cap = _check_soft_cap(_NAME, logit_soft_cap)
-    weights = weights_spec(_NAME, weights, batch)
-    _check_reduction(_NAME, reduction)
     biases = [x for x, y in ((b_dtype, b), (bt_dtype, bt)) if y is not None]
     dtype = jnp.dtype(jnp.result_type(*dtypes, *t_dtypes, *biases))
     v = w.shape[1]

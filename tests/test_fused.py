@@ -742,12 +742,10 @@ def _stats_reference(h, w, g_lse, g_ent, *, bias=None, cap=None, t=1.0, mask=Non
     g_ent = np.where(keep, np.asarray(g_ent, np.float64), 0.0)[:, None]
     dy = g_lse * p - g_ent * p * (log_p + ent[:, None])
     d_capped = dy / t
-    if cap:
-        u = np.tanh(logits / cap)
-        d_logits = d_capped * (1 - u**2)
-        d_cap = (d_capped * (u - logits / cap * (1 - u**2))).sum()
-    else:
-        d_logits, d_cap = d_capped, 0.0
+    # d capped / d logits and d capped / d cap.
+    u = np.tanh(logits / cap) if cap else 0.0
+    slope, by_cap = (1 - u**2, u - logits / cap * (1 - u**2)) if cap else (1.0, 0.0)
+    d_logits, d_cap = d_capped * slope, np.sum(d_capped * by_cap)
     stats = (np.where(keep, lse[:, 0], 0.0), np.where(keep, ent, 0.0),
              np.where(keep, np.argmax(y, axis=1), -1))
     grads = {"hidden": d_logits @ w.T, "weight": h.T @ d_logits, "bias": d_logits.sum(axis=0),
