@@ -14,7 +14,10 @@ vocabulary is walked in chunks of ``chunk_size`` columns of ``weight``:
   chunk of ``weight``.
 
 Only [N, chunk_size] arrays are ever live, and the residuals saved between
-the passes are the inputs and three numbers per example. With ``axis_name``
+the passes are the inputs and three numbers per example. The same loop can
+also keep, per example, the moment of the logits that gives their entropy
+and their running argmax (``return_stats``); :mod:`jsoftmax.fused_divergence`
+walks two output layers with the same pieces. With ``axis_name``
 the vocabulary is also sharded across a mesh axis (inside ``jax.shard_map``):
 the per-shard maxima and sums are combined with ``lax.pmax`` and ``lax.psum``.
 """
@@ -413,60 +416,8 @@ def _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab):
 
 
 # --------------------------------------------------------------------------
-# The custom derivative.
+# The backward pass's steps, shared with the fused divergence.
 # --------------------------------------------------------------------------
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _fused(chunk, axis_name, stats, h, w, bias, labels, t, cap, mask, alpha, z_loss):
-    out, _ = _fused_fwd(chunk, axis_name, stats, h, w, bias, labels, t, cap, mask, alpha, z_loss)
-    return out
-
-
-def _inverse(t):
-    return None if t is None else 1.0 / t
-
-
-def _valid_options(t, cap):
-    """Per example, whether the temperature and the cap are valid (None when
-    both are static): a traced t <= 0, inf or NaN, or a negative or NaN cap,
-    gives NaN."""
-    ok = None
-    if t is not None:
-        ok = (t > 0) & jnp.isfinite(t)
-        ok = ok.reshape(ok.shape[:1]) if ok.ndim else ok
-    if cap is not None:
-        ok = cap >= 0 if ok is None else ok & (cap >= 0)
-    return ok
-
-
-def _fused_fwd(chunk, axis_name, stats, h, w, bias, labels, t, cap, mask, alpha, z_loss):
-    """The loss, and with ``stats`` also ``(lse, entropy, argmax)`` per example."""
-    lse, gap, y_label, y_sum, valid, extra = _forward(
-        chunk, axis_name, h, w, bias, labels, _inverse(t), cap, mask, stats
-    )
-    vocab = _vocab_size(axis_name, w.shape[1])
-    loss = _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab)
-    ok = _valid_options(t, cap)
-    if ok is not None:
-        loss = select(ok, loss, jnp.nan)
-    entropy = None
-    out = loss
-    if stats:
-        entropy, argmax = extra
-        # The statistics do not depend on the label: an out-of-range one
-        # leaves them defined. An excluded example gives 0, 0 and -1.
-        lse_out, ent_out = lse, entropy
-        if ok is not None:
-            lse_out, ent_out = select(ok, lse_out, jnp.nan), select(ok, ent_out, jnp.nan)
-        if mask is not None:
-            lse_out, ent_out = select(mask, lse_out, 0.0), select(mask, ent_out, 0.0)
-            argmax = select(mask, argmax, -1)
-        out = (loss, lse_out, ent_out, argmax)
-    residuals = (
-        h, w, bias, labels, t, cap, mask, alpha, z_loss, lse, y_label, y_sum, valid, entropy
-    )
-    return out, residuals
 
 
 def _check_vma(name, axis_name, w):
@@ -543,6 +494,63 @@ def _grad_outputs(axis_name, t, cap, dh, ty, tc):
         dt = dt.astype(t.dtype)
     d_cap = None if cap is None else jnp.sum(_psum(tc, axis_name)).astype(cap.dtype)
     return dh, dt, d_cap
+
+
+# --------------------------------------------------------------------------
+# The custom derivative.
+# --------------------------------------------------------------------------
+
+
+def _valid_options(t, cap):
+    """Per example, whether the temperature and the cap are valid (None when
+    both are static): a traced t <= 0, inf or NaN, or a negative or NaN cap,
+    gives NaN."""
+    ok = None
+    if t is not None:
+        ok = (t > 0) & jnp.isfinite(t)
+        ok = ok.reshape(ok.shape[:1]) if ok.ndim else ok
+    if cap is not None:
+        ok = cap >= 0 if ok is None else ok & (cap >= 0)
+    return ok
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fused(chunk, axis_name, stats, h, w, bias, labels, t, cap, mask, alpha, z_loss):
+    out, _ = _fused_fwd(chunk, axis_name, stats, h, w, bias, labels, t, cap, mask, alpha, z_loss)
+    return out
+
+
+def _inverse(t):
+    return None if t is None else 1.0 / t
+
+
+def _fused_fwd(chunk, axis_name, stats, h, w, bias, labels, t, cap, mask, alpha, z_loss):
+    """The loss, and with ``stats`` also ``(lse, entropy, argmax)`` per example."""
+    lse, gap, y_label, y_sum, valid, extra = _forward(
+        chunk, axis_name, h, w, bias, labels, _inverse(t), cap, mask, stats
+    )
+    vocab = _vocab_size(axis_name, w.shape[1])
+    loss = _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab)
+    ok = _valid_options(t, cap)
+    if ok is not None:
+        loss = select(ok, loss, jnp.nan)
+    entropy = None
+    out = loss
+    if stats:
+        entropy, argmax = extra
+        # The statistics do not depend on the label: an out-of-range one
+        # leaves them defined. An excluded example gives 0, 0 and -1.
+        lse_out, ent_out = lse, entropy
+        if ok is not None:
+            lse_out, ent_out = select(ok, lse_out, jnp.nan), select(ok, ent_out, jnp.nan)
+        if mask is not None:
+            lse_out, ent_out = select(mask, lse_out, 0.0), select(mask, ent_out, 0.0)
+            argmax = select(mask, argmax, -1)
+        out = (loss, lse_out, ent_out, argmax)
+    residuals = (
+        h, w, bias, labels, t, cap, mask, alpha, z_loss, lse, y_label, y_sum, valid, entropy
+    )
+    return out, residuals
 
 
 def _fused_bwd(chunk, axis_name, stats, residuals, cotangent):

@@ -70,6 +70,7 @@ def _finite(v):
 
 
 def _old_shift(m):
+    """The shift the sums up to a running maximum ``m`` are kept at."""
     return select(jnp.isfinite(m), m, 0.0)
 
 
@@ -143,12 +144,6 @@ def _forward(chunk, axis_name, student, teacher, inv_t, cap, mask):
 # --------------------------------------------------------------------------
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _fused_kl(chunk, axis_name, h, w, bias, ht, wt, bt, t, cap, mask):
-    kl, _ = _kl_value(chunk, axis_name, h, w, bias, ht, wt, bt, t, cap, mask)
-    return kl
-
-
 def _kl_value(chunk, axis_name, h, w, bias, ht, wt, bt, t, cap, mask):
     """The divergence per example, and ``(lse_s, lse_t)``."""
     kl, lse_s, lse_t = _forward(
@@ -160,6 +155,12 @@ def _kl_value(chunk, axis_name, h, w, bias, ht, wt, bt, t, cap, mask):
     if mask is not None:
         kl = select(mask, kl, 0.0)
     return kl, (lse_s, lse_t)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_kl(chunk, axis_name, h, w, bias, ht, wt, bt, t, cap, mask):
+    kl, _ = _kl_value(chunk, axis_name, h, w, bias, ht, wt, bt, t, cap, mask)
+    return kl
 
 
 def _fused_kl_fwd(chunk, axis_name, *primals):
@@ -179,9 +180,10 @@ def _fused_kl_bwd(chunk, axis_name, residuals, g):
     if isinstance(g, SymbolicZero):
         g = jnp.zeros(kl.shape, acc)
     inv_t = _row_inverse(t, h.shape[0])
-    # Zero where the divergence is +inf (no finite direction changes it),
-    # NaN or excluded.
-    g = select(jnp.isfinite(kl), g.astype(acc), 0.0)
+    # Zero where the divergence is +inf (no finite direction changes it) or
+    # the example excluded.
+    infinite = kl == _INF
+    g = select(infinite, 0.0, g.astype(acc))
     if mask is not None:
         g = select(mask, g, 0.0)
         h = select(mask[:, None], h, jnp.zeros((), h.dtype))
@@ -189,7 +191,7 @@ def _fused_kl_bwd(chunk, axis_name, residuals, g):
     # A side with nothing included: its probabilities are all 0.
     mass = (lse_t > -_INF).astype(acc)[:, None]
     lse_s_col, lse_t_col = _finite(lse_s)[:, None], _finite(lse_t)[:, None]
-    g_col, kl_col = g[:, None], select(jnp.isfinite(kl), kl, 0.0)[:, None]
+    g_col, kl_col = g[:, None], select(infinite, 0.0, kl)[:, None]
     h_t, ht_t = _transposed_once(h), (_transposed_once(ht) if teacher else None)
 
     def step(carry, start, size):
