@@ -408,7 +408,10 @@ def _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab):
     """The per-example loss from the forward's per-example numbers:
     lse - (1 - a) y_label - (a / V) y_sum + z lse**2, grouped so that the
     cross-entropy ``gap`` keeps its own precision."""
-    loss = gap + alpha * (y_label - y_sum / vocab) + z_loss * lse * lse
+    # Without smoothing the sum of the logits plays no part, not even a -inf
+    # one (an excluded class): 0, not 0 * -inf.
+    smoothing = select(alpha == 0, 0.0, alpha * (y_label - y_sum / vocab))
+    loss = gap + smoothing + z_loss * lse * lse
     loss = select(valid, loss, jnp.nan)
     if mask is not None:
         loss = select(mask, loss, 0.0)
@@ -451,12 +454,14 @@ def _grad_carry(h, w, bias):
 
 def _option_grads(dy, y, z, th, cap, inv_t, ty, tc):
     """``d out / d z`` from a chunk's ``dy = d out / d y`` (y the scaled
-    logits, -inf made finite by the caller), and the per-example sums ``ty``
-    and ``tc`` that give the temperature's and the cap's gradients."""
+    logits), and the per-example sums ``ty`` and ``tc`` that give the
+    temperature's and the cap's gradients."""
     if inv_t is not None:
-        # d y / d capped = 1 / t.
+        # d y / d capped = 1 / t. An excluded (-inf) logit has dy = 0: the
+        # clamp keeps 0 * -inf out of the sum (a select would cost XLA:CPU
+        # a stored [N, chunk] array).
         dy = dy * inv_t
-        ty = ty + jnp.sum(dy * y, axis=1)
+        ty = ty + jnp.sum(dy * jnp.maximum(y, jnp.finfo(y.dtype).min), axis=1)
     if cap is not None:
         # Through the cap: d capped / d z = 1 - tanh(z / c)**2.
         slope, d_cap = _soft_cap_grads(z, th, cap)
@@ -922,7 +927,10 @@ def fused_linear_cross_entropy(
         sharded.
       bias: optional [V] bias added to ``hidden @ weight``; with
         ``axis_name``, each shard's slice of it (sharded like ``weight``'s
-        columns, e.g. ``in_specs=P("v")``).
+        columns, e.g. ``in_specs=P("v")``). A -inf entry excludes its class
+        (probability 0, zero gradients), as a -inf logit does in the
+        unfused loss; label smoothing then gives +inf, its target being
+        spread over every class.
       logit_soft_cap: c > 0 caps the logits smoothly to (-c, c) as
         ``c * tanh(logits / c)`` (Gemma 2's final-logit soft-capping, c =
         30), before the temperature, the loss, the z-loss and the smoothing.

@@ -203,17 +203,17 @@ def _fused_kl_bwd(chunk, axis_name, residuals, g):
         p, q = jnp.exp(log_p), jnp.exp(log_q)
         # d KL / d y_s = |p| q - p.
         dy_s = g_col * (mass * q - p)
-        student = _grad_step(student, dy_s, _finite(y_s), z_s, th_s, cap, inv_t, h, h_t_c,
-                             w_c, bias, start, size)
+        student = _grad_step(student, dy_s, y_s, z_s, th_s, cap, inv_t, h, h_t_c, w_c, bias,
+                             start, size)
         # d KL / d y_t = p (log p - log q - KL), 0 where p is.
         dy_t = g_col * p * (_finite(log_p) - _finite(log_q) - kl_col)
         if teacher:
-            teach = _grad_step(teach, dy_t, _finite(y_t), z_t, th_t, cap, inv_t, ht, ht_t_c,
-                               wt_c, bt, start, size)
+            teach = _grad_step(teach, dy_t, y_t, z_t, th_t, cap, inv_t, ht, ht_t_c, wt_c, bt,
+                               start, size)
         elif inv_t is not None or cap is not None:
             # The temperature and the cap are shared: the teacher's logits
             # still add to their gradients.
-            ty, tc = _option_grads(dy_t, _finite(y_t), z_t, th_t, cap, inv_t, *teach)[1:]
+            ty, tc = _option_grads(dy_t, y_t, z_t, th_t, cap, inv_t, *teach)[1:]
             teach = (ty, tc)
         return student, teach
 

@@ -947,3 +947,43 @@ def test_stats_add_only_per_example_vectors():
         h, w, y, chunk_size=chunk))
     stats = _step_temp_bytes(n, d, v, jnp.float32, with_stats)
     assert stats <= plain + 16 * n * 4, (stats, plain)
+
+
+def test_a_minus_inf_bias_excludes_a_class(option_data):
+    """A -inf bias gives its class probability 0: the loss, its gradients
+    (the temperature's included) and the statistics are those of the other
+    classes, finite, as in the unfused loss; with label smoothing the target
+    gives the class mass, and the loss is +inf there as in the unfused one."""
+    h, w, labels, bias, _ = option_data
+    bias = bias.copy()
+    bias[[3, 8]] = -np.inf
+    labels = np.where(np.isin(labels, [3, 8]), 0, labels).astype(np.int32)
+    t = np.float32(0.8)
+
+    def fused(h, w, b, t):
+        loss, stats = fused_linear_cross_entropy(h, w, labels, bias=b, temperature=t,
+                                                 chunk_size=4, return_stats=True)
+        return loss, stats.entropy
+
+    got, vjp = jax.vjp(fused, h, w, bias, t)
+    grads = vjp((jnp.ones(N), jnp.full(N, -0.5)))
+    # float64 on the included classes only, by hand: d loss / d y = p - onehot,
+    # d H / d y = -p (log p + H), d / d t = -(d / d y) . y / t.
+    keep = np.isfinite(bias)
+    y = (h.astype(np.float64) @ w[:, keep] + bias[keep]) / t
+    log_p = y - np.log(np.exp(y - y.max(1, keepdims=True)).sum(1, keepdims=True)) \
+        - y.max(1, keepdims=True)
+    p = np.exp(log_p)
+    ent = -(p * log_p).sum(1)
+    onehot = np.eye(V)[labels][:, keep]
+    dy = (p - onehot) + 0.5 * p * (log_p + ent[:, None])
+    np.testing.assert_allclose(got[0], -(onehot * log_p).sum(1), rtol=2e-5)
+    np.testing.assert_allclose(got[1], ent, rtol=2e-5)
+    want_dw = np.zeros((D, V))
+    want_dw[:, keep] = h.T @ dy / t
+    np.testing.assert_allclose(grads[0], dy @ w[:, keep].T / t, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(grads[1], want_dw, rtol=2e-4, atol=2e-5)
+    assert np.all(np.asarray(grads[2])[~keep] == 0)
+    np.testing.assert_allclose(grads[3], -(dy * y).sum() / t, rtol=2e-4)
+    smoothed = fused_linear_cross_entropy(h, w, labels, bias=bias, label_smoothing=0.1)
+    assert np.all(np.isposinf(smoothed))
