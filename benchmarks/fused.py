@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import optax
 
 import jsoftmax
-from jsoftmax.fused import _default_chunk_size
+from jsoftmax._vocab import default_chunk_size
 
 _STATS = "fused + stats"
 
@@ -128,7 +128,7 @@ def main() -> None:
 
     dtype = jnp.dtype(args.dtype)
     inputs = _inputs(args, dtype)
-    default = _default_chunk_size(args.n, args.v)
+    default = default_chunk_size(args.n, args.v)
     make = _loss_variants if args.suite == "loss" else _divergence_variants
     variants = make(args, default)
 

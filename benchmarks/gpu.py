@@ -384,9 +384,9 @@ def part_fused(record: Record, quick: bool) -> None:
     ours_ce = jsoftmax.softmax_cross_entropy_with_integer_labels
     default = None
     with record.guard("default chunk size"):
-        from jsoftmax.fused import _default_chunk_size
+        from jsoftmax._vocab import default_chunk_size
 
-        default = _default_chunk_size(n, v)
+        default = default_chunk_size(n, v)
     record["default_chunk_size"] = default
     base = "unfused, optax"
     variants: dict[str, Callable] = {

@@ -26,37 +26,11 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
+from jsoftmax import _vocab as vc
 from jsoftmax._checks import temperature_spec
 from jsoftmax._normalise import select
 from jsoftmax._xla_cpu import per_chunk, sums
 from jsoftmax.core import AxisName
-from jsoftmax.fused import (
-    _acc,
-    _check_bias,
-    _check_linear,
-    _check_options,
-    _check_vma,
-    _chunk_logits,
-    _default_chunk_size,
-    _global_shift,
-    _grad_carry,
-    _grad_outputs,
-    _grad_step,
-    _inverse,
-    _online_step,
-    _option_grads,
-    _over_chunks,
-    _psum,
-    _reduce,
-    _row_inverse,
-    _row_options,
-    _rows,
-    _transposed_once,
-    _valid_options,
-    _vary,
-    _varying,
-    _vma,
-)
 
 __all__ = ["fused_linear_kl_divergence"]
 
@@ -91,7 +65,7 @@ def _forward(chunk, axis_name, student, teacher, inv_t, cap, mask):
     ``(hidden, weight, bias)``. -inf where a side includes nothing."""
     (h, w, bias), (ht, wt, bt) = student, teacher
     n = h.shape[0]
-    acc = _acc(h.dtype)
+    acc = vc.acc_dtype(h.dtype)
     if mask is not None:
         # Masked rows compute on zeros, so a NaN there cannot leak anywhere.
         h = select(mask[:, None], h, jnp.zeros((), h.dtype))
@@ -100,10 +74,10 @@ def _forward(chunk, axis_name, student, teacher, inv_t, cap, mask):
     def step(carry, start, size):
         m_t, s_t, c, m_s, s_s = carry
         w_c, bias_c, wt_c, bt_c = per_chunk(start, w, bias, wt, bt)
-        y_s = _chunk_logits(h, w_c, bias_c, start, size, cap, inv_t)[0]
-        y_t = _chunk_logits(ht, wt_c, bt_c, start, size, cap, inv_t)[0]
-        m_t_new, shift_t, e_t, decay_t = _online_step(m_t, y_t)
-        m_s_new, shift_s, e_s, decay_s = _online_step(m_s, y_s)
+        y_s = vc.chunk_logits(h, w_c, bias_c, start, size, cap, inv_t)[0]
+        y_t = vc.chunk_logits(ht, wt_c, bt_c, start, size, cap, inv_t)[0]
+        m_t_new, shift_t, e_t, decay_t = vc.online_step(m_t, y_t)
+        m_s_new, shift_s, e_s, decay_s = vc.online_step(m_s, y_s)
         # A class the teacher excludes adds 0 whatever the student gives it;
         # one only the student excludes makes the divergence +inf (also where
         # the teacher's probability underflows: it is not 0).
@@ -118,12 +92,12 @@ def _forward(chunk, axis_name, student, teacher, inv_t, cap, mask):
 
     carry = (jnp.full((n,), -_INF, acc), jnp.zeros((n,), acc), jnp.zeros((n,), acc),
              jnp.full((n,), -_INF, acc), jnp.zeros((n,), acc))
-    axes = _vma(h, w, bias, ht, wt, bt, inv_t, cap)
-    carry = tuple(_varying(x, axes) for x in carry)
-    m_t, s_t, c, m_s, s_s = _over_chunks(step, carry, w.shape[1], chunk)
+    axes = vc.vma(h, w, bias, ht, wt, bt, inv_t, cap)
+    carry = tuple(vc.varying(x, axes) for x in carry)
+    m_t, s_t, c, m_s, s_s = vc.over_chunks(step, carry, w.shape[1], chunk)
     if axis_name is not None:
-        m_t_global, shift_t = _global_shift(axis_name, m_t)
-        m_s_global, shift_s = _global_shift(axis_name, m_s)
+        m_t_global, shift_t = vc.global_shift(axis_name, m_t)
+        m_s_global, shift_s = vc.global_shift(axis_name, m_s)
         decay_t, decay_s = jnp.exp(m_t - shift_t), jnp.exp(m_s - shift_s)
         gained = (_old_shift(m_t) - shift_t) - (_old_shift(m_s) - shift_s)
         c = lax.psum(_moved_cross(c, s_t, gained, decay_t), axis_name)
@@ -147,9 +121,9 @@ def _forward(chunk, axis_name, student, teacher, inv_t, cap, mask):
 def _kl_value(chunk, axis_name, h, w, bias, ht, wt, bt, t, cap, mask):
     """The divergence per example, and ``(lse_s, lse_t)``."""
     kl, lse_s, lse_t = _forward(
-        chunk, axis_name, (h, w, bias), (ht, wt, bt), _inverse(t), cap, mask
+        chunk, axis_name, (h, w, bias), (ht, wt, bt), vc.inverse(t), cap, mask
     )
-    ok = _valid_options(t, cap)
+    ok = vc.valid_options(t, cap)
     if ok is not None:
         kl = select(ok, kl, jnp.nan)
     if mask is not None:
@@ -175,11 +149,11 @@ def _fused_kl_fwd(chunk, axis_name, *primals):
 
 def _fused_kl_bwd(chunk, axis_name, residuals, g):
     (h, w, bias, ht, wt, bt, t, cap, mask), kl, lse_s, lse_t, teacher = residuals
-    _check_vma(_NAME, axis_name, w)
-    acc = _acc(h.dtype)
+    vc.check_vma(_NAME, axis_name, w)
+    acc = vc.acc_dtype(h.dtype)
     if isinstance(g, SymbolicZero):
         g = jnp.zeros(kl.shape, acc)
-    inv_t = _row_inverse(t, h.shape[0])
+    inv_t = vc.row_inverse(t, h.shape[0])
     # Zero where the divergence is +inf (no finite direction changes it) or
     # the example excluded.
     infinite = kl == _INF
@@ -192,41 +166,41 @@ def _fused_kl_bwd(chunk, axis_name, residuals, g):
     mass = (lse_t > -_INF).astype(acc)[:, None]
     lse_s_col, lse_t_col = _finite(lse_s)[:, None], _finite(lse_t)[:, None]
     g_col, kl_col = g[:, None], select(infinite, 0.0, kl)[:, None]
-    h_t, ht_t = _transposed_once(h), (_transposed_once(ht) if teacher else None)
+    h_t, ht_t = vc.transposed_once(h), (vc.transposed_once(ht) if teacher else None)
 
     def step(carry, start, size):
         student, teach = carry
         w_c, bias_c, wt_c, bt_c, h_t_c, ht_t_c = per_chunk(start, w, bias, wt, bt, h_t, ht_t)
-        y_s, z_s, th_s = _chunk_logits(h, w_c, bias_c, start, size, cap, inv_t)
-        y_t, z_t, th_t = _chunk_logits(ht, wt_c, bt_c, start, size, cap, inv_t)
+        y_s, z_s, th_s = vc.chunk_logits(h, w_c, bias_c, start, size, cap, inv_t)
+        y_t, z_t, th_t = vc.chunk_logits(ht, wt_c, bt_c, start, size, cap, inv_t)
         log_p, log_q = y_t - lse_t_col, y_s - lse_s_col
         p, q = jnp.exp(log_p), jnp.exp(log_q)
         # d KL / d y_s = |p| q - p.
         dy_s = g_col * (mass * q - p)
-        student = _grad_step(student, dy_s, y_s, z_s, th_s, cap, inv_t, h, h_t_c, w_c, bias,
+        student = vc.grad_step(student, dy_s, y_s, z_s, th_s, cap, inv_t, h, h_t_c, w_c, bias,
                              start, size)
         # d KL / d y_t = p (log p - log q - KL), 0 where p is.
         dy_t = g_col * p * (_finite(log_p) - _finite(log_q) - kl_col)
         if teacher:
-            teach = _grad_step(teach, dy_t, y_t, z_t, th_t, cap, inv_t, ht, ht_t_c, wt_c, bt,
+            teach = vc.grad_step(teach, dy_t, y_t, z_t, th_t, cap, inv_t, ht, ht_t_c, wt_c, bt,
                                start, size)
         elif inv_t is not None or cap is not None:
             # The temperature and the cap are shared: the teacher's logits
             # still add to their gradients.
-            ty, tc = _option_grads(dy_t, y_t, z_t, th_t, cap, inv_t, *teach)[1:]
+            ty, tc = vc.option_grads(dy_t, y_t, z_t, th_t, cap, inv_t, *teach)[1:]
             teach = (ty, tc)
         return student, teach
 
-    student = _grad_carry(h, w, bias)
-    carry = (student, _grad_carry(ht, wt, bt) if teacher else student[3:])
-    axes = _vma(h, w, bias, ht, wt, bt, inv_t, cap, g)
-    carry = jax.tree.map(lambda x: _varying(x, axes), carry)
-    (dh, dw, db, ty, tc), (*teach, tyt, tct) = _over_chunks(step, carry, w.shape[1], chunk)
-    dh, dt, d_cap = _grad_outputs(axis_name, t, cap, dh, ty + tyt, tc + tct)
+    student = vc.grad_carry(h, w, bias)
+    carry = (student, vc.grad_carry(ht, wt, bt) if teacher else student[3:])
+    axes = vc.vma(h, w, bias, ht, wt, bt, inv_t, cap, g)
+    carry = jax.tree.map(lambda x: vc.varying(x, axes), carry)
+    (dh, dw, db, ty, tc), (*teach, tyt, tct) = vc.over_chunks(step, carry, w.shape[1], chunk)
+    dh, dt, d_cap = vc.grad_outputs(axis_name, t, cap, dh, ty + tyt, tc + tct)
     grads = (dh.astype(h.dtype), dw, None if bias is None else db)
     if teacher:
         dht, dwt, dbt = teach
-        dht = _psum(dht, axis_name)
+        dht = vc.psum(dht, axis_name)
         grads = (*grads, dht.astype(ht.dtype), dwt, None if bt is None else dbt)
     else:
         grads = (*grads, None, None, None)
@@ -248,17 +222,17 @@ def _fused_kl_jit(
 ):
     """The casts and reshapes to [N, D] rows, the divergence, its weights and
     reduction, in one computation."""
-    acc = _acc(dtype)
-    h, w, bias = _rows(batch, dtype, h, w, bias)
-    ht, wt, bt = _rows(batch, dtype, ht, wt, bt)
-    mask, t, cap = _row_options(batch, w.shape[1], layout, where, t, cap, acc)
-    (w, wt), (bias, bt), (h, ht, t, cap, mask) = _vary(
+    acc = vc.acc_dtype(dtype)
+    h, w, bias = vc.rows(batch, dtype, h, w, bias)
+    ht, wt, bt = vc.rows(batch, dtype, ht, wt, bt)
+    mask, t, cap = vc.row_options(batch, w.shape[1], layout, where, t, cap, acc)
+    (w, wt), (bias, bt), (h, ht, t, cap, mask) = vc.vary(
         _NAME, axis_name, {"weight": w, "teacher_weight": wt}, (bias, bt), (h, ht, t, cap, mask)
     )
     kl = _fused_kl(chunk, axis_name, h, w, bias, ht, wt, bt, t, cap, mask)
     if weights is not None:
         weights = jnp.broadcast_to(jnp.asarray(weights).astype(acc), batch).reshape(-1)
-    kl = _reduce(kl, mask, weights, reduction)
+    kl = vc.reduce(kl, mask, weights, reduction)
     return (kl if reduction != "none" else kl.reshape(batch)).astype(dtype)
 
 
@@ -355,8 +329,8 @@ def fused_linear_kl_divergence(
       ...     teacher_bias=jnp.array([0.0, 0.0, -jnp.inf]), bias=jnp.array([0.0, -jnp.inf, 0.0]))
       Array([inf, inf], dtype=float32)
     """
-    h, w, dtypes = _check_linear(_NAME, hidden, weight)
-    ht, wt, t_dtypes = _check_linear(
+    h, w, dtypes = vc.check_linear(_NAME, hidden, weight)
+    ht, wt, t_dtypes = vc.check_linear(
         _NAME, teacher_hidden, teacher_weight, "teacher_hidden", "teacher_weight"
     )
     batch = tuple(h.shape[:-1])
@@ -370,18 +344,18 @@ def fused_linear_kl_divergence(
             f"{_NAME}: teacher_weight has {wt.shape[1]} vocabulary columns but weight "
             f"{w.shape[1]}; the teacher and the student must share the vocabulary"
         )
-    mask, cap, weights = _check_options(
+    mask, cap, weights = vc.check_options(
         _NAME, batch, where, chunk_size, axis_name, temperature, logit_soft_cap, weights,
         reduction,
     )
-    b, b_dtype = _check_bias(_NAME, bias, w.shape)
-    bt, bt_dtype = _check_bias(_NAME, teacher_bias, wt.shape, "teacher_bias", "teacher_weight")
+    b, b_dtype = vc.check_bias(_NAME, bias, w.shape)
+    bt, bt_dtype = vc.check_bias(_NAME, teacher_bias, wt.shape, "teacher_bias", "teacher_weight")
     biases = [x for x, y in ((b_dtype, b), (bt_dtype, bt)) if y is not None]
     dtype = jnp.dtype(jnp.result_type(*dtypes, *t_dtypes, *biases))
     v = w.shape[1]
     t, layout = temperature_spec(_NAME, temperature, (*batch, v), (len(batch),))
     n = int(np.prod(batch, dtype=np.int64))
-    chunk = _default_chunk_size(n, v) if chunk_size is None else int(min(chunk_size, v))
+    chunk = vc.default_chunk_size(n, v) if chunk_size is None else int(min(chunk_size, v))
     return _fused_kl_jit(
         chunk, axis_name, batch, dtype, layout, reduction,
         h, w, b, ht, wt, bt, mask, t, cap, weights,
