@@ -21,6 +21,7 @@ from jax import lax
 from jsoftmax._checks import (
     dtype_of,
     host_array,
+    inexact_dtype,
     is_traced,
     mask_spec,
     shaped_mask,
@@ -361,13 +362,12 @@ def vary(name, axis_name, weights, biases, others):
 
 
 def float_dtype(name, arg, x):
-    """The float dtype ``x`` is computed in (integers promote to the default
-    float), from static information only."""
+    """The float dtype ``x`` is computed in, from static information only:
+    jax.nn's rule, as in every other function (an int32 array gives float32,
+    also under x64)."""
     dtype = dtype_of(name, x, arg)
-    if jnp.issubdtype(dtype, jnp.floating):
-        return dtype
-    if jnp.issubdtype(dtype, jnp.integer):
-        return jnp.dtype(jnp.result_type(float))
+    if jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer):
+        return inexact_dtype(dtype)
     raise TypeError(
         f"{name}: {arg} has dtype {dtype}, which is not a real number type; "
         f"cast it first, e.g. {arg}.astype(jnp.float32)"

@@ -987,3 +987,19 @@ def test_a_minus_inf_bias_excludes_a_class(option_data):
     np.testing.assert_allclose(grads[3], -(dy * y).sum() / t, rtol=2e-4)
     smoothed = fused_linear_cross_entropy(h, w, labels, bias=bias, label_smoothing=0.1)
     assert np.all(np.isposinf(smoothed))
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["default", "x64"])
+def test_integer_inputs_take_jax_nn_float_dtype(x64):
+    # jax.nn's rule, as every other function: int32 computes in float32, also
+    # under x64; int64 (x64 only) in float64.
+    with jax.enable_x64(x64):
+        labels = jnp.zeros(3, jnp.int32)
+        h, w = jnp.ones((3, 4), jnp.int32), jnp.ones((4, 5), jnp.int32)
+        got = jsoftmax.fused_linear_cross_entropy(h, w, labels)
+        assert got.dtype == jax.nn.log_softmax(h @ w).dtype == jnp.float32
+        np.testing.assert_allclose(got, np.full(3, np.log(5.0)), rtol=1e-6)
+        if x64:
+            wide = jsoftmax.fused_linear_cross_entropy(h.astype(jnp.int64), w.astype(jnp.int64),
+                                                       labels)
+            assert wide.dtype == jax.nn.log_softmax((h @ w).astype(jnp.int64)).dtype
