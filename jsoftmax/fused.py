@@ -236,7 +236,9 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask, stats=False
     y_sum = vc.psum(y_sum, axis_name)
     if stats:
         u, best = extra
-        extra = (_entropy_of(total, u), best)
+        # A NaN logit makes its row's statistics NaN and its argmax -1.
+        nan_row = jnp.isnan(lse)
+        extra = (select(nan_row, jnp.nan, _entropy_of(total, u)), select(nan_row, -1, best))
     return lse, gap, y_label, y_sum, valid, tuple(extra)
 
 
@@ -246,9 +248,15 @@ def _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab):
     cross-entropy ``gap`` keeps its own precision."""
     # Without smoothing the sum of the logits plays no part, not even a -inf
     # one (an excluded class): 0, not 0 * -inf.
-    smoothing = select(alpha == 0, 0.0, alpha * (y_label - y_sum / vocab))
+    # A -inf logit (an excluded class) in the sum costs +inf, as the unfused
+    # loss's smoothed labels do, also when the label's own logit is -inf.
+    smoothing = select(
+        alpha == 0, 0.0, select(y_sum == -jnp.inf, jnp.inf, alpha * (y_label - y_sum / vocab))
+    )
     loss = gap + smoothing + z_loss * lse * lse
-    loss = select(valid, loss, jnp.nan)
+    # Every class excluded (lse = -inf): 0 whatever the label, as in the
+    # unfused loss; an out-of-range label otherwise NaN.
+    loss = select(lse == -jnp.inf, 0.0, select(valid, loss, jnp.nan))
     if mask is not None:
         loss = select(mask, loss, 0.0)
     return loss
@@ -310,8 +318,15 @@ def _fused_bwd(chunk, axis_name, stats, residuals, cotangent):
     g, g_lse, g_ent = (c.astype(acc) for c in cotangent[:3]) if stats else (cotangent, 0, 0)
     g = g.astype(acc)
     # d loss / d y_j = g * ((1 + 2 z lse) p_j - (1 - alpha) [j == label] - alpha / V)
-    # An out-of-range label: NaN loss, zero gradient, as in the unfused loss.
-    g = select(valid, g, 0.0)
+    # As in the unfused loss: an out-of-range label (NaN loss), every class
+    # excluded (0) and an infinite loss (the label's class excluded, or any
+    # class under smoothing) are constants, with zero gradients.
+    nothing = lse == -jnp.inf
+    infinite = (y_label == -jnp.inf) | ((alpha != 0) & (y_sum == -jnp.inf))
+    g = select(valid & ~nothing & ~infinite, g, 0.0)
+    if stats:
+        g_lse, g_ent = select(nothing, 0.0, g_lse), select(nothing, 0.0, g_ent)
+    lse = select(nothing, 0.0, lse)  # p = exp(-inf - 0) = 0 there, not NaN
     if mask is not None:
         g = select(mask, g, 0.0)
         h = select(mask[:, None], h, jnp.zeros((), h.dtype))
@@ -347,7 +362,9 @@ def _fused_bwd(chunk, axis_name, stats, residuals, cotangent):
     dh, dw, db, ty, tc = vc.over_chunks(step, carry, v_local, chunk)
     dh, dt, d_cap = vc.grad_outputs(axis_name, t, cap, dh, ty, tc)
     # The options' own derivatives are cheap: both are per-example numbers.
-    d_alpha = jnp.sum(g * (y_label - y_sum / vocab)).astype(alpha.dtype)
+    # An excluded class makes the smoothing term a constant +inf: no derivative.
+    smooth = y_label - y_sum / vocab
+    d_alpha = jnp.sum(g * select(jnp.isfinite(smooth), smooth, 0.0)).astype(alpha.dtype)
     d_z = jnp.sum(g * lse * lse).astype(z_loss.dtype)
     db = None if bias is None else db
     return dh.astype(h.dtype), dw, db, None, dt, d_cap, None, d_alpha, d_z

@@ -1003,3 +1003,61 @@ def test_integer_inputs_take_jax_nn_float_dtype(x64):
             wide = jsoftmax.fused_linear_cross_entropy(h.astype(jnp.int64), w.astype(jnp.int64),
                                                        labels)
             assert wide.dtype == jax.nn.log_softmax((h @ w).astype(jnp.int64)).dtype
+
+
+EXCLUDED_BIASES = {
+    "every class": [-np.inf] * 5,
+    "the second class": [0.0, -np.inf, 0.0, 0.0, 0.0],
+}
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1])
+@pytest.mark.parametrize("excluded", sorted(EXCLUDED_BIASES))
+def test_excluded_classes_edges_match_the_unfused_loss(excluded, alpha):
+    # -inf biases exclude classes: every class gives 0 with zero gradients,
+    # whatever the label and the smoothing; the label's class (or, under
+    # smoothing, any class) gives +inf, a constant: zero gradients. Compared
+    # with the unfused loss and the core functions on the materialised logits.
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+    bias = jnp.asarray(EXCLUDED_BIASES[excluded], jnp.float32)
+    labels = jnp.array([0, 1, 2])
+
+    def fused(h, w):
+        loss, stats = fused_linear_cross_entropy(
+            h, w, labels, bias=bias, label_smoothing=alpha, return_stats=True, chunk_size=2)
+        return loss, stats.logsumexp, stats.entropy
+
+    def unfused(h, w):
+        y = h @ w + bias
+        loss = jsoftmax.softmax_cross_entropy_with_integer_labels(
+            y, labels, label_smoothing=alpha)
+        return loss, jsoftmax.logsumexp(y, axis=1), jsoftmax.entropy(y)
+
+    for got, want in zip(fused(h, w), unfused(h, w), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    def objective(f):
+        # Every loss, the infinite ones too: their gradients are zero.
+        def total(h, w):
+            loss, _, entropy = f(h, w)
+            return jnp.sum(loss + entropy)
+        return jax.grad(total, argnums=(0, 1))
+
+    for got, want in zip(objective(fused)(h, w), objective(unfused)(h, w), strict=True):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_stats_of_a_nan_row_are_nan_and_its_argmax_minus_one():
+    rng = np.random.default_rng(4)
+    h = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32).at[1, 2].set(jnp.nan)
+    w = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
+    loss, stats = fused_linear_cross_entropy(h, w, jnp.array([0, 1, 2]), return_stats=True,
+                                             chunk_size=2)
+    assert np.isnan(loss[1]) and np.isnan(stats.logsumexp[1]) and np.isnan(stats.entropy[1])
+    assert stats.argmax[1] == -1
+    rows = np.array([0, 2])
+    np.testing.assert_allclose(stats.entropy[rows], jsoftmax.entropy(h @ w)[rows], rtol=1e-5)
+    np.testing.assert_array_equal(stats.argmax[rows], jnp.argmax(h @ w, axis=1)[rows])
