@@ -417,19 +417,17 @@ def check_options(name, batch, where, chunk_size, axis_name, temperature, cap, w
 
 
 def check_temperature(name, temperature):
-    """The limits t = 0 and t = inf are not supported: a Python or NumPy one
-    raises; one in a JAX array is never read back and gives NaN."""
+    """A temperature must be finite and > 0 (the limits t = 0 and t = inf are
+    not supported): a Python or NumPy one that is not raises; one in a JAX
+    array is never read back and gives NaN."""
     if is_traced(temperature) or isinstance(temperature, jax.Array):
         return
-    if isinstance(temperature, (int, float)):
-        bad = temperature == 0 or temperature in (np.inf, -np.inf)
-    else:
-        values = np.asarray(temperature, dtype=np.float64)
-        bad = np.any(values == 0) or np.any(np.isinf(values))
-    if bad:
+    values = np.asarray(temperature, dtype=np.float64).ravel()
+    bad = values[~((values > 0) & (values < np.inf))]
+    if bad.size:
         raise ValueError(
-            f"{name}: temperature must be finite and > 0 here; for the hard-max (0) or "
-            "uniform (inf) limits use the unfused function on hidden @ weight"
+            f"{name}: temperature must be finite and > 0 here; got {float(bad[0])!r}. For the "
+            "hard-max (0) or uniform (inf) limits use the unfused function on hidden @ weight"
         )
 
 

@@ -268,4 +268,10 @@ def fit_temperature(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
       0.75
     """
     arr, lab, dtype = _check_classification("fit_temperature", logits, labels, "logits")
+    if arr.shape[1] == 0:
+        raise ValueError(
+            f"fit_temperature: logits has no classes (shape {tuple(arr.shape)}): the loss is 0 "
+            "at every temperature, so there is nothing to fit; give logits of shape "
+            "(examples, classes) with at least one class"
+        )
     return _fit_temperature(dtype, arr, lab)

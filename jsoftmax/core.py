@@ -296,7 +296,9 @@ def logsumexp(
         \mathrm{lse}_t(a) = t \log \sum_i b_i \exp(a_i / t)
             = m + t \log \sum_i b_i \exp((a_i - m) / t)
 
-    Matches :func:`jax.nn.logsumexp` on every argument. As ``t -> 0`` it is the
+    Matches :func:`jax.nn.logsumexp` on every argument, in value and dtype;
+    its derivative in ``b_i``, ``t exp(a_i / t) / sum_j b_j exp(a_j / t)``,
+    holds also where ``b_i = 0`` (jax.nn gives 0 there). As ``t -> 0`` it is the
     (masked) maximum, which ``t = 0`` returns exactly; ``t = inf`` is +inf when
     more than one unit of weight is included. A slice with every entry
     excluded gives -inf (sign 0) and zero gradients. Without ``return_sign``

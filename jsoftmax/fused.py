@@ -479,7 +479,8 @@ def fused_linear_cross_entropy(
     the loss is returned in the inputs' dtype. The matmuls use JAX's default
     matmul precision: on recent NVIDIA GPUs float32 inputs are multiplied in
     TF32 unless ``jax.default_matmul_precision("highest")`` is set (as for
-    ``hidden @ weight`` in the unfused loss).
+    ``hidden @ weight`` in the unfused loss). The derivatives are a custom
+    VJP: reverse mode (``jax.grad``, ``jax.vjp``) only, not ``jax.jvp``.
 
     Args:
       hidden: [N, D] activations (or [..., D]; leading axes are the batch).
@@ -508,7 +509,9 @@ def fused_linear_cross_entropy(
         columns, e.g. ``in_specs=P("v")``). A -inf entry excludes its class
         (probability 0, zero gradients), as a -inf logit does in the
         unfused loss; label smoothing then gives +inf, its target being
-        spread over every class.
+        spread over every class. Under ``logit_soft_cap`` a -inf entry is
+        capped to -c like any other logit, so it does not exclude its class.
+        +inf entries (or +inf ``hidden``) are not supported: they give NaN.
       logit_soft_cap: c > 0 caps the logits smoothly to (-c, c) as
         ``c * tanh(logits / c)`` (Gemma 2's final-logit soft-capping, c =
         30), before the temperature, the loss, the z-loss and the smoothing.

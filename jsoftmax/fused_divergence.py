@@ -277,9 +277,13 @@ def fused_linear_kl_divergence(
     teacher excludes (a -inf ``teacher_bias``) contributes 0 whatever the
     student gives it; one the teacher includes and the student excludes
     makes the divergence +inf (with zero gradients), not NaN; gradients are
-    finite wherever the value is. bfloat16 / float16 inputs go into the
+    finite wherever the value is. Under ``logit_soft_cap`` a -inf bias is
+    capped to -c like any other logit and excludes nothing; +inf logits are
+    not supported. bfloat16 / float16 inputs go into the
     matmuls as they are, with float32 accumulation; the result is in the
-    inputs' dtype.
+    inputs' dtype. The derivatives are a custom VJP: reverse mode
+    (``jax.grad``, ``jax.vjp``) only, not ``jax.jvp``. Unlike the fused
+    loss it returns no statistics.
 
     For distillation with Hinton et al.'s scaling (gradients of the same
     size at every temperature), multiply by t²:

@@ -60,3 +60,8 @@ def test_fit_temperature_returns_the_logits_dtype(dtype):
 def test_calibration_of_probabilities_without_classes_names_the_argument(fn):
     with pytest.raises(ValueError, match=r"probs has no classes \(shape \(3, 0\)\)"):
         fn(jnp.zeros((3, 0)), jnp.zeros(3, jnp.int32))
+
+
+def test_fit_temperature_without_classes_names_the_argument():
+    with pytest.raises(ValueError, match=r"logits has no classes \(shape \(3, 0\)\)"):
+        jsoftmax.fit_temperature(jnp.zeros((3, 0)), jnp.zeros(3, jnp.int32))
