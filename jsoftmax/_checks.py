@@ -1,12 +1,16 @@
-"""Argument checks and canonicalisation shared by the public functions.
+"""Argument checks shared by the public functions.
 
-Every public function validates its arguments here, before anything is traced,
-so that a mistake produces one clear error that names the fix.
+Each public function checks the concrete values of its arguments with
+:func:`host_args` (a negative temperature, a label smoothing out of range),
+then calls one jitted implementation, whose :func:`slice_args` checks shapes,
+dtypes, axes and the mask once per trace. Every mistake gets one clear error
+that names the function, the argument and the fix.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -17,6 +21,84 @@ from jax.typing import ArrayLike
 Axis = int | Sequence[int] | None
 
 _LOW_PRECISION = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+def host_args(name: str, x: ArrayLike, where=None, temperature=1.0, arg: str = "x",
+              low: float = 0.0, high: float = float("inf"), neutral=1.0, what: str = "temperature"):
+    """``(x, where, t)`` for a jitted implementation: array-likes as NumPy
+    arrays; a Python or NumPy ``temperature`` checked to lie in [low, high],
+    None where it is ``neutral`` (the function without it). A jax array is
+    checked on the device, where it gives NaN."""
+    x, where = (v if isinstance(v, jax.Array | np.ndarray | None) else np.asarray(v)
+                for v in (x, where))
+    if getattr(x, "dtype", np.dtype(float)).kind not in "biufcV":
+        raise TypeError(f"{name}: {arg} has dtype {x.dtype}, which is not a real number type; "
+                        f"give an array of numbers, e.g. jnp.asarray({arg}, jnp.float32)")
+    if isinstance(temperature, jax.Array):
+        return x, where, temperature
+    values = np.asarray(temperature)
+    if values.dtype.kind not in "biufV":
+        raise TypeError(f"{name}: {what} must be a real number or array; got {temperature!r}")
+    bad = values[~((values.astype(float) >= low) & (values.astype(float) <= high))]
+    if bad.size:
+        limits = f">= {low:g}" if high == float("inf") else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"{name}: {what} must be {limits}{HINTS.get(what, '')}; "
+                         f"got {float(bad.ravel()[0])!r}")
+    return x, where, None if np.all(values == neutral) else temperature
+
+
+# What the limits of a concrete value mean, for its error message.
+HINTS = {"temperature": " (0 is the hard max, inf is uniform)",
+         "label_smoothing": " (0 is no smoothing)"}
+
+
+def slice_args(name: str, x: jax.Array, axis: Axis, where, t, arg: str = "x",
+               batch_where: bool = False, t_name: str = "temperature"):
+    """Inside the jit, once per trace: ``(x, dtype, axes, mask, t)``: ``x`` in
+    jax.nn's result ``dtype`` (float16 / bfloat16 kept), ``axes`` sorted,
+    ``mask`` of ``x``'s shape, ``t`` a scalar or of the keepdims shape.
+    ``batch_where``: a batch-shaped mask masks whole slices (as in optax)."""
+    dtype, ndim, shape = x.dtype, x.ndim, x.shape
+    dtype = dtype if jnp.issubdtype(dtype, jnp.inexact) else inexact_dtype(dtype)
+    if x.dtype == jnp.bool_ or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name}: {arg} has dtype {x.dtype}, which is not a real number type; "
+                        f"cast it first, e.g. {arg}.astype(jnp.float32)")
+    axes = range(ndim) if axis is None else (axis,) if isinstance(axis, int) else axis
+    if isinstance(axes, float) or not all(isinstance(a, int | np.integer) for a in axes):
+        raise TypeError(f"{name}: axis must be an int, a tuple of ints or None; got {axis!r}")
+    if any(not -ndim <= a < ndim for a in axes):
+        raise ValueError(f"{name}: axis {axis} is out of range for an array with {ndim} "
+                         f"dimension(s); use axes in [{-ndim}, {ndim - 1}]")
+    axes = tuple(sorted(int(a) % ndim for a in axes))
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{name}: axis {axis!r} names the same dimension twice; list each once")
+    batch = tuple(n for i, n in enumerate(shape) if i not in axes)
+    if batch_where and where is not None and where.ndim == len(batch) < ndim:
+        where = jnp.expand_dims(where, axes)
+    # What must broadcast: the mask to x, t to the batch shape (or the keepdims shape).
+    pairs = [] if where is None else [
+        ("where", where.shape, shape, f"to the shape {shape} of {arg}; give a boolean mask of it")]
+    if t is not None and jnp.ndim(t):
+        keep = tuple(1 if i in axes else n for i, n in enumerate(shape))
+        pairs.append((t_name, jnp.shape(t), batch if jnp.ndim(t) <= len(batch) else keep,
+                      f"against the batch shape {batch} ({arg} of shape {shape} with axes {axes} "
+                      f"reduced); pass a scalar or one {t_name} per slice"))
+    for what, src, dst, tail in pairs:
+        if len(src) > len(dst) or any(a not in (1, b) for a, b in zip(src[::-1], dst[::-1],
+                                                                       strict=False)):
+            raise ValueError(f"{name}: {what} has shape {src}, which does not broadcast {tail}")
+    mask = None if where is None else jnp.broadcast_to(where.astype(bool), shape)
+    if t is not None:
+        t = jnp.asarray(t).astype(jnp.promote_types(dtype, jnp.float32))
+        t = jnp.expand_dims(jnp.broadcast_to(t, batch), axes) if 0 < t.ndim <= len(batch) else t
+    return x.astype(dtype), dtype, axes, mask, t
+
+
+def broadcasts_to(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
+    try:
+        return np.broadcast_shapes(src, dst) == tuple(dst)
+    except ValueError:
+        return False
 
 
 def is_traced(value: object) -> bool:
@@ -43,9 +125,13 @@ def widen_labels(labels: jax.Array) -> jax.Array:
 
 def inexact_dtype(dtype) -> jnp.dtype:
     """The floating dtype jax.nn computes an input of ``dtype`` in: its own
-    for floats, float64 (float32 without x64) for 64-bit integers, float32
-    for other integers and booleans."""
-    return _dtype_facts(jnp.dtype(dtype), jax.config.jax_enable_x64)[2]
+    for inexact dtypes, float64 (float32 without x64) for 64-bit integers,
+    float32 for other integers and booleans."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.inexact):
+        return dtype
+    wide = dtype.itemsize == 8 and dtype != jnp.bool_
+    return jnp.dtype(jax.dtypes.canonicalize_dtype(np.float64 if wide else np.float32))
 
 
 def promoted_dtype(*values: ArrayLike) -> jnp.dtype:
@@ -208,12 +294,20 @@ def class_layout(
     return axes, tuple(sorted(axes)), batch_axes
 
 
-def classes_last(a: jax.Array, batch_axes: tuple[int, ...], axes: tuple[int, ...]) -> jax.Array:
-    """Moves ``axes`` (in the given order) last and merges them into one."""
-    a = jnp.transpose(a, batch_axes + axes)
-    # The class count spelled out: -1 cannot be inferred for an empty batch.
-    classes = int(np.prod(a.shape[len(batch_axes) :], dtype=np.int64))
-    return a.reshape((*a.shape[: len(batch_axes)], classes))
+def classes_last(axis: Axis, axes: tuple[int, ...], *arrays):
+    """``arrays`` (None, scalars, or of the logits' rank: the keepdims shape
+    too) with the class ``axes`` moved last, in the order ``axis`` gives them
+    (a flat class index runs over them so, as in optax), and merged into one."""
+    out = []
+    for a in arrays:
+        if a is None or a.ndim == 0:
+            out.append(a)
+            continue
+        order = axes if axis is None or isinstance(axis, int) else tuple(i % a.ndim for i in axis)
+        batch = tuple(i for i in range(a.ndim) if i not in axes)
+        merged = (*(a.shape[i] for i in batch), math.prod(a.shape[i] for i in order))
+        out.append(jnp.transpose(a, batch + order).reshape(merged))
+    return out
 
 
 def temperature_per_row(t: jax.Array | None, axes: tuple[int, ...]) -> jax.Array | None:
@@ -327,13 +421,6 @@ def shaped_mask(where: ArrayLike | None, shape: tuple[int, ...]) -> jax.Array | 
     return jnp.broadcast_to(mask, shape)
 
 
-def broadcasts_to(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
-    try:
-        return np.broadcast_shapes(src, dst) == tuple(dst)
-    except ValueError:
-        return False
-
-
 def weights_spec(name: str, weights: ArrayLike | None, shape: tuple[int, ...]) -> ArrayLike | None:
     """Checks from static information only that ``weights`` are real numbers
     that broadcast to ``shape`` (the examples'); returns them as
@@ -353,27 +440,3 @@ def weights_spec(name: str, weights: ArrayLike | None, shape: tuple[int, ...]) -
             "cast it first, e.g. weights.astype(jnp.float32)"
         )
     return host_array(weights)
-
-
-def slice_args(
-    name: str, x: ArrayLike, axis: Axis, where: ArrayLike | None, temperature: ArrayLike,
-    arg: str = "x",
-):
-    """The checks of a function over slices (softmax-like), on static
-    information only: ``(array, output dtype, sorted axes, mask, temperature,
-    layout)``. :func:`shaped_slice_args` finishes the mask and the
-    temperature inside the jitted computation, so an eager call makes one
-    dispatch. float16 and bfloat16 arrays stay as they are (the callee takes
-    the slice max in the input dtype, where it is exact)."""
-    arr, out_dtype = as_real_array(name, x, arg, keep_low_precision=True)
-    axes = canonicalize_axes(name, axis, arr.ndim)
-    mask = mask_spec(name, where, arr.shape)
-    t, layout = temperature_spec(name, temperature, arr.shape, axes)
-    return arr, out_dtype, axes, mask, t, layout
-
-
-def shaped_slice_args(axes, layout: str, x: jax.Array, t, mask):
-    """The temperature and mask of :func:`slice_args`, inside the jit."""
-    t = shaped_temperature(t, layout, x.shape, tuple(axes), compute_dtype(x.dtype))
-    return t, shaped_mask(mask, x.shape)
-

@@ -1,14 +1,14 @@
 """The per-slice semantics that every function of the library shares.
 
 A *slice* is what one softmax normalises: the entries of the reduced axes
-(and, with ``axis_name``, of every shard of them). For each slice this module
-computes the shifted, tempered logits
+(and, with ``axis_name``, of every shard of them), or of one segment. For
+each slice :func:`logits` gives the shifted, tempered logits
 
 .. math::
     z_i = (x_i - m) / t, \\qquad m = \\max_{j \\text{ included}} x_j,
 
-and their normaliser :math:`s = \\sum_i \\exp z_i`, with every limit defined
-here and nowhere else:
+and :func:`normaliser` their normaliser :math:`s = \\sum_i \\exp z_i`, with
+every limit defined here and nowhere else:
 
 * an entry is *excluded* where ``mask`` is False or ``x == -inf``: z = -inf;
 * a slice with nothing included has m = -inf, z = -inf everywhere, s = 0;
@@ -19,15 +19,14 @@ here and nowhere else:
 * a NaN entry, or a traced negative or NaN temperature, makes the slice NaN.
 
 The maxima have z exactly 0 and every other z is below 0, so ``exp`` cannot
-overflow and s >= 1 on a slice with something included. The public functions
-and their custom JVP rules are written with the names below; nothing else in
-the library re-derives a limit.
+overflow and s >= 1 on a slice with something included.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from collections.abc import Hashable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -37,30 +36,22 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from jsoftmax import _xla_cpu
-from jsoftmax._checks import upcast, widen_labels
+from jsoftmax._checks import widen_labels
 
 __all__ = [
     "INF",
+    "Axes",
     "AxisName",
     "Normaliser",
-    "Reduction",
     "Segments",
-    "accurate_log_normaliser",
-    "entropy",
     "inverse_temperature",
-    "log_probabilities",
+    "log_softmax",
     "log_sum",
     "logits",
     "normaliser",
-    "probabilities",
-    "reduce_max",
-    "reduce_sum",
-    "reduce_sums",
-    "reduction",
-    "safe_normaliser",
+    "reduce",
     "select",
-    "shifted",
-    "slice_shift",
+    "softmax",
     "tangent_logits",
     "tangent_value",
     "untempered_log_sum",
@@ -72,43 +63,15 @@ INF = float("inf")
 AxisName = Hashable
 
 
-@jax.tree_util.register_pytree_node_class
-class Reduction(tuple):
-    """The reduced axes of a slice, optionally spanning a named mesh axis.
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Axes:
+    """The reduced axes of the slices, and ``axis_name``: the mesh axis
+    (inside ``jax.shard_map``) they also span, or None. A pytree without
+    leaves, so that it passes through a custom JVP as :class:`Segments` does."""
 
-    A tuple of ints like plain ``axes``; with ``axis_name``,
-    :func:`reduce_max` and :func:`reduce_sum` also reduce across that mesh
-    axis with ``lax.pmax`` and ``lax.psum`` (inside ``jax.shard_map``).
-    Equality and hash include the name, since the axes are a static jit
-    argument. It is a pytree without leaves, so it can also be an ordinary
-    argument of a custom-JVP function, as :class:`Segments` is.
-    """
-
-    def __new__(cls, axes, axis_name=None):
-        self = super().__new__(cls, axes)
-        self.axis_name = axis_name
-        # Hashed on every jitted call (a static argument): computed once.
-        self._hash = hash((tuple(self), axis_name))
-        return self
-
-    def __eq__(self, other):
-        return tuple.__eq__(self, other) and self.axis_name == getattr(other, "axis_name", None)
-
-    def __ne__(self, other):
-        return not self == other
-
-    def __hash__(self):
-        return self._hash
-
-    def __reduce__(self):
-        return Reduction, (tuple(self), self.axis_name)
-
-    def tree_flatten(self):
-        return (), (tuple(self), self.axis_name)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(*aux)
+    axes: tuple[int, ...]
+    axis_name: AxisName | None = None
 
 
 @jax.tree_util.register_pytree_node_class
@@ -164,141 +127,89 @@ class Segments:
         return table.at[self.rows].get(mode="promise_in_bounds")
 
     def reduce(self, op, v, keepdims):
-        table = op(v, self.rows, self.num_segments + 2, indices_are_sorted=self.indices_are_sorted)
+        """The sum (or ``op="max"``) of ``v`` (or of each of a tuple) per segment."""
+        if isinstance(v, tuple):
+            return tuple(self.reduce(op, u, keepdims) for u in v)
+        segment_op = jax.ops.segment_max if op == "max" else jax.ops.segment_sum
+        table = segment_op(v, self.rows, self.num_segments + 2,
+                           indices_are_sorted=self.indices_are_sorted)
         return self.per_entry(table) if keepdims else table
 
 
 def select(cond: jax.Array, on_true, on_false) -> jax.Array:
-    """``jnp.where(cond, on_true, on_false)`` for a boolean ``cond``, built on
-    ``lax.select``: broadcast, in jnp.where's dtype (a Python number is
-    weakly typed), and weakly typed where the array that gives that dtype is.
-    At least one branch must be an array.
-
-    The edge semantics make dozens of selects per call, and ``jnp.where`` is
-    a jitted function of its own: each one is traced, linearized and
-    transposed as a nested program, which made tracing and lowering the
-    derivative of a tempered log_softmax 1.4x as slow (BENCHMARKS.md).
-    """
-    is_array = [isinstance(v, jax.Array | np.ndarray) for v in (on_true, on_false)]
-    if not any(is_array):
+    """``jnp.where(cond, on_true, on_false)`` for a boolean ``cond`` and at
+    least one array branch, as one ``lax.select``: jnp.where is a jitted
+    function, traced anew at each call (BENCHMARKS.md, Compile)."""
+    arrays = [v for v in (on_true, on_false) if isinstance(v, jax.Array | np.ndarray)]
+    if not arrays:
         raise TypeError("select: one of on_true and on_false must be an array, for its dtype")
-    arrays = [v for v, a in zip((on_true, on_false), is_array, strict=True) if a]
-    shape = jnp.broadcast_shapes(jnp.shape(cond), *(jnp.shape(v) for v in arrays))
     dtype = jnp.result_type(on_true, on_false)  # a Python number is weakly typed
+    shape = jnp.broadcast_shapes(jnp.shape(cond), *(v.shape for v in arrays))
+    like = arrays[0] if arrays[0].dtype == dtype else lax.convert_element_type(arrays[0], dtype)
     branches = [
-        lax.convert_element_type(v, dtype) if a and v.dtype != dtype else v
-        for v, a in zip((on_true, on_false), is_array, strict=True)
+        jnp.broadcast_to(v if v.dtype == dtype else lax.convert_element_type(v, dtype), shape)
+        if isinstance(v, jax.Array | np.ndarray) else lax.full_like(like, v, shape=shape)
+        for v in (on_true, on_false)
     ]
-    like = branches[is_array.index(True)]
-    branches = [
-        _broadcast(v, shape) if a else lax.full_like(like, v, shape=shape)
-        for v, a in zip(branches, is_array, strict=True)
-    ]
-    return lax.select(_broadcast(cond, shape), *branches)
+    return lax.select(jnp.broadcast_to(cond, shape), *branches)
 
 
-def _broadcast(v, shape):
-    if jnp.shape(v) == shape:
-        return v
-    return lax.broadcast_in_dim(v, shape, tuple(range(len(shape) - jnp.ndim(v), len(shape))))
+def reduce(v, slices, op: str = "sum", keepdims: bool = True):
+    """The sum (``op="max"``: the max, -inf when empty) of ``v`` over each
+    slice: over :class:`Axes` and their mesh axis, or per :class:`Segments`.
+    A tuple of arrays of one shape is summed in one pass where the backend
+    needs that (``jsoftmax._xla_cpu.sums``)."""
+    if isinstance(slices, Segments):
+        return slices.reduce(op, v, keepdims)
+    axes = slices.axes
+    if isinstance(v, tuple):
+        out = _xla_cpu.sums(v, axes)
+        out = out if keepdims else tuple(jnp.squeeze(o, axes) for o in out)
+    else:
+        out = (jnp.max if op == "max" else jnp.sum)(v, axes, keepdims=keepdims,
+                                                   initial=-INF if op == "max" else None)
+    if slices.axis_name is None:
+        return out
+    return (lax.pmax if op == "max" else lax.psum)(out, slices.axis_name)
 
 
-@functools.lru_cache(maxsize=256)
-def reduction(axes: tuple[int, ...], axis_name: AxisName | None) -> Reduction:
-    """``axes`` and the mesh axis ``axis_name`` (or None) as a :class:`Reduction`
-    (one object per pair, made once: eager calls ask for it every time)."""
-    return Reduction(axes, axis_name)
-
-
-def _axis_name(axes):
-    return getattr(axes, "axis_name", None)
-
-
-def reduce_sum(v: jax.Array, axes, keepdims: bool = True) -> jax.Array:
-    """Sum over ``axes`` and, for a :class:`Reduction`, over its mesh axis;
-    per segment for :class:`Segments`."""
-    if isinstance(axes, Segments):
-        return axes.reduce(jax.ops.segment_sum, v, keepdims)
-    out = jnp.sum(v, axis=tuple(axes), keepdims=keepdims)
-    name = _axis_name(axes)
-    return out if name is None else lax.psum(out, name)
-
-
-def reduce_sums(values, axes, keepdims: bool = True) -> tuple[jax.Array, ...]:
-    """:func:`reduce_sum` of each of ``values`` (of one shape), in one pass
-    over the slices where the backend needs that (``jsoftmax._xla_cpu.sums``)."""
-    if isinstance(axes, Segments):
-        return tuple(reduce_sum(v, axes, keepdims) for v in values)
-    out = _xla_cpu.sums(tuple(values), tuple(axes))
-    if not keepdims:
-        out = tuple(jnp.squeeze(o, tuple(axes)) for o in out)
-    name = _axis_name(axes)
-    return out if name is None else lax.psum(out, name)
-
-
-def reduce_max(v: jax.Array, axes, keepdims: bool = True) -> jax.Array:
-    """Max over ``axes`` (-inf for an empty slice), across shards too."""
-    if isinstance(axes, Segments):
-        return axes.reduce(jax.ops.segment_max, v, keepdims)
-    out = jnp.max(v, axis=tuple(axes), keepdims=keepdims, initial=-INF)
-    name = _axis_name(axes)
-    return out if name is None else lax.pmax(out, name)
-
-
-def slice_shift(
-    axes, x: jax.Array, t: jax.Array | None = None, mask=None, keepdims: bool = True
-) -> jax.Array:
-    """The per-slice shift in the compute dtype: the max of the included
-    entries, 0 for a slice with nothing included, NaN for an invalid (traced
-    negative or NaN) temperature (``t`` shaped like the result). It carries
-    no derivative: everything built on z is invariant to it. float16 /
-    bfloat16 ``x`` is reduced in its own dtype, where the max is exact."""
-    if mask is not None:
-        x = select(mask, x, -INF)
-    m = upcast(reduce_max(lax.stop_gradient(x), axes, keepdims))
-    shift = select(m == -INF, 0.0, m)
-    return shift if t is None else select(t >= 0, shift, jnp.nan)
-
-
-def shifted(x: jax.Array, shift: jax.Array, t: jax.Array | None = None, mask=None) -> jax.Array:
-    """z = (x - shift) / t for entries ``x`` of slices with ``shift`` (any
-    broadcastable subset of the entries: a label's logit uses the same rule).
-
-    z <= 0 with the maxima exactly 0. On a slice whose max is +inf its +inf
-    entries are 0 (x - shift would be NaN) and the others x - inf = -inf, so
-    the softmax is uniform over them with no further case. z is
-    differentiable in x and t (dz = dx / t on every finite entry, the maxima
-    too); the second derivatives of the JVP rules go through it.
+def logits(slices, x: jax.Array, t=None, mask=None, shift=None, keepdims: bool = True):
+    """``(z, shift)``: z = (x - shift) / t with every limit of this module,
+    and the shift, the max of each slice's included entries (0 where there
+    is none, NaN for a traced t < 0 or NaN; it carries no derivative). Given
+    a ``shift``, z of entries of slices with that shift (a label's logit).
+    Without ``keepdims``, shift and t are per row of a :class:`Segments` table.
     """
-    x = upcast(x)
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
     if mask is not None:
         x = select(mask, x, -INF)
+    if shift is None:
+        # float16 / bfloat16 reduced in their own dtype, where the max is exact.
+        m = reduce(lax.stop_gradient(x), slices, "max", keepdims).astype(dtype)
+        shift = select(m == -INF, 0.0, m)
+        shift = shift if t is None else select(t >= 0, shift, jnp.nan)
+    if not keepdims:  # each entry takes its row's
+        shift_rows, shift = shift, slices.per_entry(shift)
+        t = t if t is None or t.ndim == 0 else slices.per_entry(t)
+    x = x.astype(dtype)
+    # Where the max is +inf, x - shift is NaN at its +inf entries: z = 0 there.
     z = select(x == INF, 0.0, x - shift)
-    if t is None:
-        return z
-    # Only finite z is divided (an infinite one would give the temperature an
-    # infinite derivative). t = inf gives 0 on every finite entry; t = 0 is
-    # taken as the constant inf there too, with -inf below the maxima.
-    finite = jnp.isfinite(z)
-    scaled = select(finite, z, 0.0) / select(t > 0, t, INF)
-    return select(finite, select((t == 0) & (z != 0), -INF, scaled), z)
-
-
-def logits(axes, x: jax.Array, t: jax.Array | None = None, mask=None):
-    """``(z, shift)`` for whole slices: see :func:`slice_shift` and
-    :func:`shifted`."""
-    shift = slice_shift(axes, x, t, mask)
-    return shifted(x, shift, t, mask), shift
+    if t is not None:
+        # Only finite z is divided (an infinite one would give t an infinite
+        # derivative); t = 0 divides by inf: -inf below the maxima.
+        finite = jnp.isfinite(z)
+        scaled = select(finite, z, 0.0) / select(t > 0, t, INF)
+        z = select(finite, select((t == 0) & (z != 0), -INF, scaled), z)
+    return z, (shift if keepdims else shift_rows)
 
 
 class Normaliser(NamedTuple):
-    """s = sum(exp(z)) per slice (keepdims), ``log_s`` = log s with 0 for a
-    slice with nothing included, ``q`` = 1 - 1/s to full accuracy or None,
-    ``mean_z`` = sum(p z) over the included entries with p = softmax(z) (0 on
-    a slice with nothing included; the part of a derivative in t that the
-    softmax weights) when asked for, else None, and ``sums``: the sum over
-    the slice of each array asked for. s is 0 for a slice with nothing
-    included, +inf for one whose max is +inf and NaN for one with a NaN."""
+    """Per slice (keepdims): s = sum(exp(z)) (0 with nothing included, +inf
+    for a +inf max, NaN for a NaN), ``log_s`` = log s (0 with nothing
+    included), ``q`` = 1 - 1/s to full accuracy (split sums only, else
+    None), ``mean_z`` = sum(p z) over the included entries with p = exp(z) / s
+    (0 with nothing included) when asked for, and ``sums``: the sum of each
+    further array asked for."""
 
     s: jax.Array
     log_s: jax.Array
@@ -307,81 +218,36 @@ class Normaliser(NamedTuple):
     sums: tuple[jax.Array, ...] = ()
 
 
-def normaliser(z: jax.Array, axes, mean_z: bool = False, sums=()) -> Normaliser:
-    """The :class:`Normaliser` of logits z, with ``mean_z`` and the ``sums``
-    of further arrays (of z's shape) from the same pass over z when asked for:
-    a second pass would make XLA:CPU store z (see ``jsoftmax._xla_cpu.sums``).
-
-    In float64 log s and q are split at the maxima (:func:`accurate_log_normaliser`),
-    which keeps the top entry of log_softmax and its gradient component
-    1 - softmax_max (jax-ml/jax#40384) when they are below an ulp of 1. In
-    float32 and below that costs a second pass over the slice, so they take
-    jax.nn's single sum.
-    """
+def normaliser(z, slices, mean_z=False, sums=(), split=None, keepdims=True) -> Normaliser:
+    """The :class:`Normaliser` of logits z, in one pass over z (a second pass
+    makes XLA:CPU store z); ``split`` is float64's default (:func:`_split`)."""
     e = jnp.exp(z)
-    weighted = (e * select(z == -INF, 0.0, z),) if mean_z else ()
-    extra = (*weighted, *sums)
-    if z.dtype == jnp.float64:
-        top, below, *extra = _split_sums(z, e, axes, True, *extra)
-        log_s, q = _split_log_normaliser(top, below)
-        s = top + below
+    # A product with 0 at z = -inf, not a select after it (its cotangent would meet 0 * -inf).
+    terms = ((e * select(z == -INF, 0.0, z),) if mean_z else ()) + tuple(sums)
+    if split or (split is None and z.dtype == jnp.float64):
+        s, log_s, q, terms = _split(z, e, slices, terms, keepdims)
     else:
-        s, *extra = reduce_sums((e, *extra), axes)
-        log_s, q = jnp.log(safe_normaliser(s)), None
-    mean = extra[0] / safe_normaliser(s) if mean_z else None
-    return Normaliser(s, log_s, q, mean, tuple(extra[len(weighted):]))
+        s, *terms = reduce((e, *terms), slices, keepdims=keepdims) if terms else (
+            reduce(e, slices, keepdims=keepdims),)
+        log_s, q = jnp.log(select(s == 0, 1.0, s)), None
+    mean = terms[0] / select(s == 0, 1.0, s) if mean_z else None
+    return Normaliser(s, log_s, q, mean, tuple(terms[1:] if mean_z else terms))
 
 
-def log_probabilities(z: jax.Array, log_s: jax.Array) -> jax.Array:
-    """log softmax from logits z and log normaliser ``log_s``: z - log s, -inf
-    on excluded entries (with no derivative: z - log s would move with log s;
-    a NaN normaliser still makes them NaN)."""
-    return select(z == -INF, -INF - lax.stop_gradient(log_s), z - log_s)
-
-
-def probabilities(z: jax.Array, s: jax.Array) -> jax.Array:
-    """softmax from logits z and normaliser s: exp(z) / s, 0 where nothing is
-    included."""
-    return jnp.exp(z) / safe_normaliser(s)
-
-
-def safe_normaliser(s: jax.Array) -> jax.Array:
-    """The normaliser with 0 (a slice with nothing included) replaced by 1,
-    so that softmax is 0 and log_softmax -inf there."""
-    return select(s == 0, 1.0, s)
-
-
-def accurate_log_normaliser(
-    z: jax.Array, axes, keepdims: bool = True
-) -> tuple[jax.Array, jax.Array]:
-    """``(log s, q)`` with ``q = 1 - 1/s``, both to full relative accuracy.
-
-    The maxima contribute exactly 1 each (z = 0), so with k of them and
-    ``below`` the rest, log s = log k + log1p(below / k) and q = below / s.
-    Plain log(s) loses ``below`` when it is under an ulp of s, and with it the
-    entropy term of d lse / dt and the top entry's gradient of log_softmax
-    (jax-ml/jax#40384). An empty slice gives (0, 0).
-    """
-    return _split_log_normaliser(*_split_sums(z, jnp.exp(z), axes, keepdims))
-
-
-def _split_sums(z, e, axes, keepdims, *terms):
-    """``(top, below, *sums)``: sum(e) at the maxima (z = 0), below them, and
-    the sum of each of ``terms``, in one pass; e = exp(z), made once by the
-    caller (it builds its terms from it too)."""
+def _split(z, e, slices, terms, keepdims):
+    """``(s, log s, q, sums of terms)`` with the maxima (z = 0, exactly 1 each)
+    summed apart: with k of them and ``below`` the rest, log s = log k +
+    log1p(below / k) and q = below / s keep ``below`` where it is under an ulp
+    of s, and with it the top entry of log_softmax, its gradient 1 -
+    softmax_max (jax-ml/jax#40384) and the entropy of a confident slice."""
     at_top = z == 0
-    # exp(z) rather than 1 at the top: the same value, with z's derivative.
-    split = (select(at_top, e, 0.0), select(at_top, 0.0, e))
-    return reduce_sums((*split, *terms), axes, keepdims)
-
-
-def _split_log_normaliser(top, below):
-    safe_top = select(top == 0, 1.0, top)
+    # exp(z), not 1, at the top: the same value, with z's derivative.
+    split_e = (select(at_top, e, 0.0), select(at_top, 0.0, e))
+    top, below, *terms = reduce((*split_e, *terms), slices, keepdims=keepdims)
+    s, safe_top = top + below, select(top == 0, 1.0, top)
     log_s = select(top == 0, 0.0, jnp.log(safe_top) + jnp.log1p(below / safe_top))
-    # q = (s - k) / s with k the count at the top: below / s in value, and
-    # top - k (exactly 0) carries the top's part of dq.
-    moving_top = top - lax.stop_gradient(top)
-    return log_s, (below + moving_top) / safe_normaliser(top + below)
+    # q = (s - k) / s: below / s in value, and top - k (exactly 0) carries dq's top part.
+    return s, log_s, (below + (top - lax.stop_gradient(top))) / select(s == 0, 1.0, s), terms
 
 
 def log_sum(shift: jax.Array, s: jax.Array, t: jax.Array | None) -> jax.Array:
@@ -389,54 +255,31 @@ def log_sum(shift: jax.Array, s: jax.Array, t: jax.Array | None) -> jax.Array:
     ``s``: -inf for a slice with nothing included; t = 0 gives the shift
     (the max). t log|s| -> 0 as t -> inf only when exactly one unit of
     weight is left, and is +inf otherwise."""
-    # log of the safe normaliser, so that differentiating through the select
-    # meets no 1 / 0 on an empty slice.
-    log_s = jnp.log(jnp.abs(safe_normaliser(s)))
+    # log of the safe normaliser: differentiating through the select meets
+    # no 1 / 0 on an empty slice.
+    log_s = jnp.log(jnp.abs(select(s == 0, 1.0, s)))
     if t is not None:
         unit_at_inf = (t == INF) & (jnp.abs(s) == 1)
         log_s = select(unit_at_inf, 0.0, t * log_s)
     return select(s == 0, -INF, shift + log_s)
 
 
-def untempered_log_sum(axes, x: jax.Array, mask=None) -> tuple[jax.Array, jax.Array]:
+def untempered_log_sum(slices, x: jax.Array, mask=None) -> tuple[jax.Array, jax.Array]:
     """``(logsumexp, sign)`` keepdims at t = 1 without weights, from x itself.
 
-    The value needs none of the per-entry limits of :func:`shifted`. On a
+    The value needs none of the per-entry limits of :func:`logits`. On a
     slice whose max is +inf it is +inf, or NaN with a NaN in the slice:
     shifting that slice by 0 instead of its max gives exactly that from the
-    sum itself (exp(+inf) = +inf; a NaN stays, even where a fused max would
-    have dropped it), as jax.nn.logsumexp does. Equal to :func:`log_sum` over
-    :func:`logits` on every input, with the logits never stored.
+    sum itself (exp(+inf) = +inf; a NaN stays), as jax.nn.logsumexp does.
+    Equal to :func:`log_sum` over :func:`logits` on every input, with the
+    logits never stored.
     """
-    shift = slice_shift(axes, x, None, mask)
-    shift = select(shift == INF, 0.0, shift)
-    x = upcast(x)
     if mask is not None:
         x = select(mask, x, -INF)
-    s = reduce_sum(jnp.exp(x - shift), axes)
+    m = reduce(lax.stop_gradient(x), slices, "max").astype(jnp.promote_types(x.dtype, jnp.float32))
+    shift = select(jnp.isinf(m), 0.0, m)
+    s = reduce(jnp.exp(x.astype(m.dtype) - shift), slices)
     return shift + jnp.log(s), jnp.sign(s)
-
-
-def entropy(
-    z: jax.Array, axes, keepdims: bool = True
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(H, log_s, mean_z)``: the Shannon entropy -sum p log p of
-    p = softmax(z), in nats, with the log normaliser and mean_z = sum(p z)
-    it is built from.
-
-    H = log s - mean_z, with log s split at the maxima, since the entropy of a
-    confident slice is mostly the part of log s below an ulp of 1. Excluded
-    entries (z = -inf, p = 0) contribute 0 and a slice with nothing included
-    has entropy 0 (log_s = 0, mean_z = 0); k entries at z = 0 and nothing else
-    give log k."""
-    # A product with 0 at z = -inf, not a select after it (whose cotangent
-    # would meet 0 * -inf).
-    e = jnp.exp(z)
-    top, below, ez = _split_sums(z, e, axes, keepdims, e * select(z == -INF, 0.0, z))
-    log_s, _ = _split_log_normaliser(top, below)
-    s = top + below
-    mean_z = ez / safe_normaliser(s)
-    return select(s == 0, 0.0, log_s - mean_z), log_s, mean_z
 
 
 def inverse_temperature(t: jax.Array) -> jax.Array:
@@ -446,26 +289,80 @@ def inverse_temperature(t: jax.Array) -> jax.Array:
 
 
 def tangent_value(tangent) -> jax.Array | None:
-    """None for a symbolic-zero tangent, else the tangent in the compute dtype.
-
-    A float16 / bfloat16 input has a tangent of its dtype; upcasting it once
-    keeps reverse mode to one rounding of the cotangent.
-    """
+    """None for a symbolic-zero tangent, else the tangent in the compute
+    dtype (a float16 / bfloat16 input's tangent upcast once: reverse mode
+    rounds the cotangent once)."""
     if tangent is None or isinstance(tangent, SymbolicZero):
         return None
-    return upcast(tangent)
+    return tangent.astype(jnp.promote_types(tangent.dtype, jnp.float32))
 
 
 def tangent_logits(z, t, dx, dt):
-    """The tangent of z: dz = (dx - z dt) / t, without the z term where z is infinite.
-
-    Any per-slice constant may be added to dz (the shift's derivative is one),
-    since every function of z here is invariant to it. None when both tangents
-    are symbolic zeros.
-    """
+    """dz = (dx - z dt) / t, the z term 0 where z is infinite; None when both
+    tangents are (symbolic) zeros. dz may be off by a per-slice constant (the
+    shift's derivative): every function of z here is invariant to it."""
+    dx, dt = (None if isinstance(d, SymbolicZero | None) else d for d in (dx, dt))
     if dx is None and dt is None:
         return None
-    dz = jnp.zeros_like(z) if dx is None else dx
+    dz = jnp.zeros_like(z) if dx is None else dx.astype(z.dtype)
     if dt is not None:
         dz = dz - select(jnp.isfinite(z), z, 0.0) * dt
-    return dz if t is None else dz * inverse_temperature(t)
+    return dz if t is None else dz * select(t > 0, 1.0 / select(t > 0, t, 1.0), 0.0)
+
+
+@jax.custom_jvp
+def softmax(axes, x: jax.Array, t=None, mask=None) -> jax.Array:
+    """exp(z) / s over the slices of ``axes``: 0 on excluded entries, and on
+    every entry of a slice with nothing included."""
+    e = jnp.exp(logits(axes, x, t, mask)[0])
+    s = reduce(e, axes)
+    return e / select(s == 0, 1.0, s)
+
+
+@partial(softmax.defjvp, symbolic_zeros=True)
+def _softmax_jvp(primals, tangents):
+    # d softmax = p (dz - sum(p dz)), dz = (dx - z dt) / t.
+    axes, x, t, mask = primals
+    probs = softmax(axes, x, t, mask)
+    dz = tangent_logits(logits(axes, x, t, mask)[0], t, tangents[1], tangents[2])
+    if dz is None:
+        return probs, jnp.zeros_like(probs)
+    return probs, probs * (dz - reduce(probs * dz, axes))
+
+
+@jax.custom_jvp
+def log_softmax(axes, x: jax.Array, t=None, mask=None) -> jax.Array:
+    """z - log s over the slices of ``axes``, -inf on excluded entries."""
+    z, _ = logits(axes, x, t, mask)
+    log_s = normaliser(z, axes).log_s
+    # -inf on excluded entries, with no derivative; a NaN log s still gives NaN.
+    return select(z == -INF, -INF - lax.stop_gradient(log_s), z - log_s)
+
+
+@partial(log_softmax.defjvp, symbolic_zeros=True)
+def _log_softmax_jvp(primals, tangents):
+    """d log_softmax = dz - sum(softmax dz), 0 on excluded entries.
+
+    Where the normaliser carries q = 1 - 1/s (float64), sum(softmax dz) =
+    sum(e dz) - sum(q e dz) with e = exp(z), 1 at the maxima: reverse mode
+    forms (g - e G) + q e G, so 1 - softmax_max survives below an ulp of 1
+    (jax-ml/jax#40384).
+    """
+    axes, x, t, mask = primals
+    z, _ = logits(axes, x, t, mask)
+    norm = normaliser(z, axes)
+    out = select(z == -INF, -INF - lax.stop_gradient(norm.log_s), z - norm.log_s)
+    dz = tangent_logits(z, t, tangents[1], tangents[2])
+    if dz is None:
+        return out, jnp.zeros_like(out)
+    if norm.q is None:  # checkpointed: reverse mode keeps only ``out``
+        return out, jax.checkpoint(_log_softmax_tangent)(axes, out, dz)
+    e = jnp.exp(z)
+    small = reduce((norm.q * e) * dz, axes)  # first: its cotangent is added last
+    tangent = (dz - reduce(e * dz, axes)) + small
+    # A select, not a product: an excluded entry's cotangent may be -inf.
+    return out, select(out == -INF, 0.0, tangent)
+
+
+def _log_softmax_tangent(axes, out, dz):
+    return select(out == -INF, 0.0, dz - reduce(jnp.exp(out) * dz, axes))

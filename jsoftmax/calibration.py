@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jsoftmax._checks import cast_real, host_array, real_spec, temperature_spec
+from jsoftmax._checks import compute_dtype, host_args, inexact_dtype
 from jsoftmax.losses import softmax_cross_entropy_with_integer_labels
 
 __all__ = [
@@ -42,8 +42,11 @@ def _check_classification(
     """Validates ``scores`` of shape (N, K) and integer ``labels`` of shape
     (N,) from static information: ``(scores, labels, dtype)`` for the jitted
     call, which casts ``scores`` to ``dtype``."""
-    arr, dtype = real_spec(name, scores, what)
-    lab = host_array(labels)
+    arr, lab, _ = host_args(name, scores, labels, arg=what)
+    if arr.dtype.kind in "bc":
+        raise TypeError(f"{name}: {what} has dtype {arr.dtype}, which is not a real number "
+                        f"type; cast it first, e.g. {what}.astype(jnp.float32)")
+    dtype = inexact_dtype(arr.dtype)
     if arr.ndim != 2:
         raise ValueError(
             f"{name}: {what} must have shape (examples, classes); got shape {tuple(arr.shape)}"
@@ -89,7 +92,7 @@ class ReliabilityBins(NamedTuple):
 
 @partial(jax.jit, static_argnums=(0, 1))
 def _reliability_bins(num_bins, dtype, probs, labels):
-    probs, labels = cast_real(probs, dtype), jnp.asarray(labels)
+    probs, labels = probs.astype(dtype).astype(compute_dtype(dtype)), jnp.asarray(labels)
     confidence = jnp.max(probs, axis=-1)
     correct = (jnp.argmax(probs, axis=-1) == labels).astype(probs.dtype)
     # Bin m (1-based) holds confidences in ((m - 1) / M, m / M]; 0 goes to bin 1.
@@ -191,14 +194,13 @@ def mean_nll(logits: ArrayLike, labels: ArrayLike, temperature: ArrayLike = 1.0)
     """
     arr, lab, dtype = _check_classification("mean_nll", logits, labels, "logits")
     # The loss's own check of a concrete temperature (None for exactly 1).
-    t, _ = temperature_spec("softmax_cross_entropy_with_integer_labels", temperature,
-                            tuple(arr.shape), (1,))
+    t = host_args("softmax_cross_entropy_with_integer_labels", arr, None, temperature)[2]
     return _mean_nll(dtype, arr, lab, t)
 
 
 @partial(jax.jit, static_argnums=0)
 def _mean_nll(dtype, logits, labels, t):
-    logits = cast_real(logits, dtype)
+    logits = logits.astype(dtype).astype(compute_dtype(dtype))
     t = 1.0 if t is None else t
     return jnp.mean(softmax_cross_entropy_with_integer_labels(logits, labels, temperature=t))
 
@@ -206,7 +208,8 @@ def _mean_nll(dtype, logits, labels, t):
 @partial(jax.jit, static_argnums=0)
 def _fit_temperature(dtype, logits, labels):
     # Fitted in the compute dtype (float32 for 16-bit logits), returned in the logits'.
-    log_t = _fit_log_temperature(cast_real(logits, dtype), jnp.asarray(labels))
+    logits = logits.astype(dtype).astype(compute_dtype(dtype))
+    log_t = _fit_log_temperature(logits, jnp.asarray(labels))
     return jnp.exp(log_t).astype(dtype)
 
 

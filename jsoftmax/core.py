@@ -1,11 +1,12 @@
 """softmax, log_softmax and logsumexp with temperature, masks and custom JVPs.
 
-Each is a short primal over the shared per-slice logits of
-``jsoftmax._normalise`` (z = (x - max) / t with every limit defined there),
-its JVP rule directly below it, and a public wrapper that checks the
-arguments. Excluded entries are those where ``where`` is False or the input
-is -inf. The rules are written from z and the normaliser, so the edge
-handling of the forward pass never leaks NaNs into the derivatives.
+Each public function checks its concrete arguments and calls one jitted
+implementation, which checks shapes and dtypes once per trace and calls a
+short primal over the per-slice logits of ``jsoftmax._normalise`` (z =
+(x - max) / t, every limit defined there), with its JVP rule directly below.
+Excluded entries are those where ``where`` is False or the input is -inf.
+The rules are written from z and the normaliser, so the edge handling of the
+forward pass never leaks NaNs into the derivatives.
 """
 
 from __future__ import annotations
@@ -18,48 +19,10 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jsoftmax import _normalise as nz
-from jsoftmax._checks import (
-    Axis,
-    as_real_array,
-    compute_dtype,
-    dtype_of,
-    is_traced,
-    promoted_dtype,
-    shaped_slice_args,
-    slice_args,
-    upcast,
-)
+from jsoftmax._checks import Axis, compute_dtype, host_args, is_traced, promoted_dtype, slice_args
 from jsoftmax._normalise import INF, AxisName
 
 __all__ = ["log_softmax", "logsumexp", "softmax"]
-
-# The internal API for modules built on these functions: ``softmax_over`` and
-# ``log_softmax_over`` take any reduction of ``_normalise`` (``Reduction``
-# axes, or ``Segments``) and arrays already shaped, and carry the custom JVPs.
-
-
-@jax.custom_jvp
-def softmax_over(axes, x, t, mask):
-    z, _ = nz.logits(axes, x, t, mask)
-    return nz.probabilities(z, nz.reduce_sum(jnp.exp(z), axes))
-
-
-@partial(softmax_over.defjvp, symbolic_zeros=True)
-def _softmax_jvp(primals, tangents):
-    # d softmax = p * (dz - sum(p * dz)), dz = (dx - z dt) / t.
-    axes, x, t, mask = primals
-    dx, dt = nz.tangent_value(tangents[1]), nz.tangent_value(tangents[2])
-    probs = softmax_over(axes, x, t, mask)
-    z = None if dt is None else nz.logits(axes, x, t, mask)[0]
-    dz = nz.tangent_logits(z, t, dx, dt)
-    if dz is None:
-        return probs, jnp.zeros_like(probs)
-    return probs, probs * (dz - nz.reduce_sum(probs * dz, axes))
-
-
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _softmax_jit(axes, dtype, layout, x, t, mask):
-    return softmax_over(axes, x, *shaped_slice_args(axes, layout, x, t, mask)).astype(dtype)
 
 
 def softmax(
@@ -113,60 +76,13 @@ def softmax(
       >>> jsoftmax.softmax(jnp.array([1.0, 1.0, 0.0]), temperature=0.0)
       Array([0.5, 0.5, 0. ], dtype=float32)
     """
-    arr, dtype, axes, mask, t, layout = slice_args("softmax", x, axis, where, temperature)
-    return _softmax_jit(nz.reduction(axes, axis_name), dtype, layout, arr, t, mask)
+    return _softmax_jit(*host_args("softmax", x, where, temperature), axis, axis_name)
 
 
-# --------------------------------------------------------------------------
-# log_softmax
-# --------------------------------------------------------------------------
-
-
-def _log_softmax_parts(axes, x, t, mask):
-    z, _ = nz.logits(axes, x, t, mask)
-    norm = nz.normaliser(z, axes)
-    return nz.log_probabilities(z, norm.log_s), z, norm
-
-
-@jax.custom_jvp
-def log_softmax_over(axes, x, t, mask):
-    return _log_softmax_parts(axes, x, t, mask)[0]
-
-
-@partial(log_softmax_over.defjvp, symbolic_zeros=True)
-def _log_softmax_jvp(primals, tangents):
-    """d log_softmax = dz - sum(softmax * dz), 0 on excluded entries.
-
-    Where the normaliser carries q = 1 - 1/s (float64), sum(softmax * dz) =
-    sum(e dz) - sum(q e dz) with e = exp(z), 1 at the maxima. Kept as two
-    sums, reverse mode forms (g - e G) + q e G: the cancellation at the
-    maximum happens before the small term is added, so 1 - softmax_max
-    survives below an ulp of 1 (jax-ml/jax#40384).
-    """
-    axes, x, t, mask = primals
-    dx, dt = nz.tangent_value(tangents[1]), nz.tangent_value(tangents[2])
-    out, z, norm = _log_softmax_parts(axes, x, t, mask)
-    dz = nz.tangent_logits(z, t, dx, dt)
-    if dz is None:
-        return out, jnp.zeros_like(out)
-    if norm.q is None:
-        # Checkpointed: reverse mode keeps only ``out``.
-        return out, jax.checkpoint(_log_softmax_tangent, prevent_cse=False)(axes, out, dz)
-    e = jnp.exp(z)
-    small = nz.reduce_sum((norm.q * e) * dz, axes)
-    tangent = (dz - nz.reduce_sum(e * dz, axes)) + small
-    # A select, not a product: an excluded entry's cotangent may be -inf.
-    return out, nz.select(out == -INF, 0.0, tangent)
-
-
-def _log_softmax_tangent(axes, out, dz):
-    tangent = dz - nz.reduce_sum(jnp.exp(out) * dz, axes)
-    return nz.select(out == -INF, 0.0, tangent)
-
-
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _log_softmax_jit(axes, dtype, layout, x, t, mask):
-    return log_softmax_over(axes, x, *shaped_slice_args(axes, layout, x, t, mask)).astype(dtype)
+@partial(jax.jit, static_argnums=(3, 4))
+def _softmax_jit(x, where, t, axis, axis_name):
+    x, dtype, axes, mask, t = slice_args("softmax", x, axis, where, t)
+    return nz.softmax(nz.Axes(axes, axis_name), x, t, mask).astype(dtype)
 
 
 def log_softmax(
@@ -204,79 +120,13 @@ def log_softmax(
       >>> jsoftmax.log_softmax(jnp.array([10.0, 2.0, 10000.0, 4.0]))
       Array([-9990., -9998.,     0., -9996.], dtype=float32)
     """
-    arr, dtype, axes, mask, t, layout = slice_args(
-        "log_softmax", x, axis, where, temperature
-    )
-    return _log_softmax_jit(nz.reduction(axes, axis_name), dtype, layout, arr, t, mask)
+    return _log_softmax_jit(*host_args("log_softmax", x, where, temperature), axis, axis_name)
 
 
-# --------------------------------------------------------------------------
-# logsumexp
-# --------------------------------------------------------------------------
-
-
-def _logsumexp_parts(axes, x, t, mask, b):
-    """``(lse, sign, z, s, shift)``, keepdims: s = sum(b exp(z)) and
-    lse = shift + t log|s|, with its limits. Entries with b = 0 are excluded,
-    from the max too, as in ``jax.nn.logsumexp``."""
-    if b is not None:
-        mask = (b != 0) if mask is None else mask & (b != 0)
-    z, shift = nz.logits(axes, x, t, mask)
-    e = jnp.exp(z)
-    s = nz.reduce_sum(e if b is None else b * e, axes)
-    lse = nz.log_sum(shift, s, t)
-    if t is not None and b is not None:
-        # With one unit of weight left, the limit at t = inf is the weighted
-        # mean of the included entries (the shift when b = 1).
-        unit_at_inf = (t == INF) & (jnp.abs(s) == 1)
-        x = nz.select(mask, x, 0.0).astype(s.dtype)
-        lse = nz.select(unit_at_inf, nz.reduce_sum(b * x, axes) / nz.safe_normaliser(s), lse)
-    return lse, jnp.sign(s), z, s, shift
-
-
-@jax.custom_jvp
-def _logsumexp(axes, x, t, mask, b):
-    if t is None and b is None:
-        return nz.untempered_log_sum(axes, x, mask)
-    return _logsumexp_parts(axes, x, t, mask, b)[:2]
-
-
-@partial(_logsumexp.defjvp, symbolic_zeros=True)
-def _logsumexp_jvp(primals, tangents):
-    """d lse = sum(P dx) + (log|s| - sum(P z)) dt + t sum(exp(z) / s db),
-    with P = b exp(z) / s the weighted softmax.
-
-    The dt term is the derivative of t lse(x / t) in t, the entropy of P when
-    b = 1; log s is then taken to full accuracy, since the entropy of a
-    confident slice is mostly the part of log s below an ulp of 1.
-    """
-    axes, x, t, mask, b = primals
-    dx, dt, _, db = (nz.tangent_value(v) for v in tangents[1:])
-    lse, sign, z, s, shift = _logsumexp_parts(axes, x, t, mask, b)
-    weights = nz.probabilities(z, s)
-    probs = weights if b is None else b * weights
-    out = jnp.zeros_like(lse)
-    if dx is not None:
-        out = out + nz.reduce_sum(probs * dx, axes)
-    if dt is not None:
-        if b is None:
-            entropy = nz.entropy(z, axes)[0]
-        else:
-            log_s = jnp.log(jnp.abs(nz.safe_normaliser(s)))
-            # z is -inf exactly where P is 0: a product with 0 there, not a
-            # select after it (whose cotangent would meet 0 * -inf).
-            entropy = log_s - nz.reduce_sum(probs * nz.select(z == -INF, 0.0, z), axes)
-            entropy = nz.select(s == 0, 0.0, entropy)
-        out = out + entropy * dt
-    if db is not None:
-        # d lse / d b_i = t exp((x_i - shift) / t) / s, also where b_i = 0.
-        diff = upcast(x) - shift
-        if t is not None:
-            diff = diff * nz.inverse_temperature(t)
-        w_all = jnp.exp(diff if mask is None else nz.select(mask, diff, -INF))
-        scale = 1.0 if t is None else t
-        out = out + scale * nz.reduce_sum(w_all * db, axes) / nz.safe_normaliser(s)
-    return (lse, sign), (out, jnp.zeros_like(sign))
+@partial(jax.jit, static_argnums=(3, 4))
+def _log_softmax_jit(x, where, t, axis, axis_name):
+    x, dtype, axes, mask, t = slice_args("log_softmax", x, axis, where, t)
+    return nz.log_softmax(nz.Axes(axes, axis_name), x, t, mask).astype(dtype)
 
 
 def logsumexp(
@@ -329,43 +179,104 @@ def logsumexp(
     """
     if _is_complex(a) or _is_complex(b):
         return _complex_logsumexp(a, axis, b, keepdims, return_sign, where, temperature, axis_name)
+    a, where, t = host_args("logsumexp", a, where, temperature, "a")
     if b is not None:
         a, b = _broadcast_weights(a, b)
-    arr, out_dtype, axes, mask, t, layout = slice_args(
-        "logsumexp", a, axis, where, temperature, "a"
-    )
-    weights = None
-    if b is not None:
-        weights, _ = as_real_array("logsumexp", b, "b", allow_bool=True)
-        out_dtype = promoted_dtype(a, b)
-    return _logsumexp_jit(
-        nz.reduction(axes, axis_name), out_dtype, keepdims, return_sign, layout,
-        arr, t, mask, weights,
-    )
+    return _logsumexp_jit(a, where, t, b, axis, axis_name, keepdims, return_sign)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _logsumexp_jit(axes, dtype, keepdims, return_sign, layout, x, t, mask, b):
-    t, mask = shaped_slice_args(axes, layout, x, t, mask)
+@partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _logsumexp_jit(x, where, t, b, axis, axis_name, keepdims, return_sign):
+    promoted = None if b is None else promoted_dtype(x, b)
+    x, dtype, axes, mask, t = slice_args("logsumexp", x, axis, where, t, "a")
     if b is not None:
-        b = b.astype(compute_dtype(dtype))
-    lse, sign = _logsumexp(axes, x, t, mask, b)
+        if not jnp.issubdtype(promoted, jnp.floating):
+            raise TypeError(f"logsumexp: b has dtype {b.dtype}, which is not a real number "
+                            "type; cast it first, e.g. b.astype(jnp.float32)")
+        dtype, b = promoted, jnp.asarray(b).astype(compute_dtype(promoted))
+    lse, sign = _logsumexp(nz.Axes(axes, axis_name), x, t, mask, b)
     if not return_sign and b is not None:  # without b the sum is never negative
         # A select over a NaN constant; jax.nn wraps it the same way (jax-ml/jax#7634).
         with jax.debug_nans(False):
             lse = nz.select(sign < 0, jnp.nan, lse)
     if not keepdims:
-        lse, sign = jnp.squeeze(lse, tuple(axes)), jnp.squeeze(sign, tuple(axes))
+        lse, sign = jnp.squeeze(lse, axes), jnp.squeeze(sign, axes)
     lse, sign = lse.astype(dtype), sign.astype(dtype)
     return (lse, sign) if return_sign else lse
 
 
+def _logsumexp_parts(axes, x, t, mask, b):
+    """``(lse, sign, z, s, shift)``, keepdims: s = sum(b exp(z)) and
+    lse = shift + t log|s|, with its limits. Entries with b = 0 are excluded,
+    from the max too, as in ``jax.nn.logsumexp``."""
+    if b is not None:
+        mask = (b != 0) if mask is None else mask & (b != 0)
+    z, shift = nz.logits(axes, x, t, mask)
+    e = jnp.exp(z)
+    s = nz.reduce(e if b is None else b * e, axes)
+    lse = nz.log_sum(shift, s, t)
+    if t is not None and b is not None:
+        # With one unit of weight left, the limit at t = inf is the weighted
+        # mean of the included entries (the shift when b = 1).
+        unit_at_inf = (t == INF) & (jnp.abs(s) == 1)
+        x = nz.select(mask, x, 0.0).astype(s.dtype)
+        mean = nz.reduce(b * x, axes) / nz.select(s == 0, 1.0, s)
+        lse = nz.select(unit_at_inf, mean, lse)
+    return lse, jnp.sign(s), z, s, shift
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _logsumexp(axes, x, t, mask, b):
+    if t is None and b is None:
+        return nz.untempered_log_sum(axes, x, mask)
+    return _logsumexp_parts(axes, x, t, mask, b)[:2]
+
+
+@partial(_logsumexp.defjvp, symbolic_zeros=True)
+def _logsumexp_jvp(axes, primals, tangents):
+    """d lse = sum(P dx) + (log|s| - sum(P z)) dt + t sum(exp(z) / s db),
+    with P = b exp(z) / s the weighted softmax.
+
+    The dt term is the derivative of t lse(x / t) in t, the entropy of P when
+    b = 1; log s is then taken to full accuracy, since the entropy of a
+    confident slice is mostly the part of log s below an ulp of 1.
+    """
+    x, t, mask, b = primals
+    dx, dt, _, db = (nz.tangent_value(v) for v in tangents)
+    lse, sign, z, s, shift = _logsumexp_parts(axes, x, t, mask, b)
+    safe_s = nz.select(s == 0, 1.0, s)
+    weights = jnp.exp(z) / safe_s
+    probs = weights if b is None else b * weights
+    out = jnp.zeros_like(lse)
+    if dx is not None:
+        out = out + nz.reduce(probs * dx, axes)
+    if dt is not None:
+        if b is None:
+            norm = nz.normaliser(z, axes, mean_z=True, split=True)
+            entropy = nz.select(norm.s == 0, 0.0, norm.log_s - norm.mean_z)
+        else:
+            # z is -inf exactly where P is 0: a product with 0 there, not a
+            # select after it (whose cotangent would meet 0 * -inf).
+            entropy = jnp.log(jnp.abs(safe_s)) - nz.reduce(
+                probs * nz.select(z == -INF, 0.0, z), axes)
+            entropy = nz.select(s == 0, 0.0, entropy)
+        out = out + entropy * dt
+    if db is not None:
+        # d lse / d b_i = t exp((x_i - shift) / t) / s, also where b_i = 0.
+        diff = (x.astype(s.dtype) - shift) * (1.0 if t is None else nz.inverse_temperature(t))
+        w_all = jnp.exp(diff if mask is None else nz.select(mask, diff, -INF))
+        out = out + (1.0 if t is None else t) * nz.reduce(w_all * db, axes) / safe_s
+    return (lse, sign), (out, jnp.zeros_like(sign))
+
+
 def _is_complex(v) -> bool:
-    return v is not None and jnp.issubdtype(dtype_of("logsumexp", v, "b"), jnp.complexfloating)
+    return v is not None and jnp.iscomplexobj(v)
 
 
 def _broadcast_weights(a, b):
     """``a`` and ``b`` broadcast against each other, as jax.nn.logsumexp does."""
+    # A Python number stays one: it is weakly typed in the result dtype.
+    b = b if isinstance(b, jax.Array | np.ndarray | int | float) else np.asarray(b)
     try:
         shape = np.broadcast_shapes(np.shape(a), np.shape(b))
     except ValueError as err:

@@ -16,12 +16,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jsoftmax import _normalise as nz
-from jsoftmax._checks import (
-    Axis,
-    as_real_array,
-    shaped_slice_args,
-    slice_args,
-)
+from jsoftmax._checks import Axis, host_args, inexact_dtype, slice_args
 from jsoftmax._normalise import INF, AxisName
 
 __all__ = ["entropy", "kl_divergence"]
@@ -38,41 +33,46 @@ def _finite(v: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------
 
 
-@jax.custom_jvp
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _entropy(axes, x, t, mask):
     z, _ = nz.logits(axes, x, t, mask)
-    return nz.entropy(z, axes)[0]
+    norm = nz.normaliser(z, axes, mean_z=True, split=True)
+    # H = log s - sum(p z), log s split at the maxima: the entropy of a
+    # confident slice is mostly the part of log s below an ulp of 1.
+    return nz.select(norm.s == 0, 0.0, norm.log_s - norm.mean_z)
 
 
 @partial(_entropy.defjvp, symbolic_zeros=True)
-def _entropy_jvp(primals, tangents):
+def _entropy_jvp(axes, primals, tangents):
     """dH = -sum p (z - sum(p z)) dz, with dz = (dx - z dt) / t.
 
     Written with z - sum(p z), not the equal log p + H: that difference of
     two numbers near log k cancels where k entries tie at the top. Checkpointed
     on x: reverse mode keeps no array of its own of x's shape.
     """
-    axes, x, t, mask = primals
-    dx, dt = nz.tangent_value(tangents[1]), nz.tangent_value(tangents[2])
-    shift = nz.slice_shift(axes, x, t, mask)
-    h, log_s, mean_z = nz.entropy(nz.shifted(x, shift, t, mask), axes)
+    x, t, mask = primals
+    z, shift = nz.logits(axes, x, t, mask)
+    norm = nz.normaliser(z, axes, mean_z=True, split=True)
+    h = nz.select(norm.s == 0, 0.0, norm.log_s - norm.mean_z)
+    dx, dt = nz.tangent_value(tangents[0]), nz.tangent_value(tangents[1])
     if dx is None and dt is None:
         return h, jnp.zeros_like(h)
-    tangent = jax.checkpoint(_entropy_tangent)
-    return h, tangent(axes, x, t, mask, shift, log_s, mean_z, dx, dt)
+    tangent = jax.checkpoint(_entropy_tangent, static_argnums=(0,))
+    return h, tangent(axes, x, t, mask, shift, norm.log_s, norm.mean_z, dx, dt)
 
 
 def _entropy_tangent(axes, x, t, mask, shift, log_s, mean_z, dx, dt):
-    z = nz.shifted(x, shift, t, mask)
+    z, _ = nz.logits(axes, x, t, mask, shift)
     # p is 0 where z is -inf, and the finite stand-in keeps 0 * -inf out.
     spread = jnp.exp(z - log_s) * (_finite(z) - mean_z)
-    return -nz.reduce_sum(spread * nz.tangent_logits(z, t, dx, dt), axes)
+    return -nz.reduce(spread * nz.tangent_logits(z, t, dx, dt), axes)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _entropy_jit(axes, dtype, layout, x, t, mask):
-    h = _entropy(axes, x, *shaped_slice_args(axes, layout, x, t, mask))
-    return jnp.squeeze(h, tuple(axes)).astype(dtype)
+@partial(jax.jit, static_argnums=(3, 4))
+def _entropy_jit(x, where, t, axis, axis_name):
+    x, dtype, axes, mask, t = slice_args("entropy", x, axis, where, t, "logits")
+    h = _entropy(nz.Axes(axes, axis_name), x, t, mask)
+    return jnp.squeeze(h, axes).astype(dtype)
 
 
 def entropy(
@@ -118,8 +118,8 @@ def entropy(
       >>> jsoftmax.entropy(jnp.array([1.0, 2.0]), where=jnp.array([False, False]))
       Array(0., dtype=float32)
     """
-    arr, dtype, axes, mask, t, layout = slice_args("entropy", logits, axis, where, temperature)
-    return _entropy_jit(nz.reduction(axes, axis_name), dtype, layout, arr, t, mask)
+    return _entropy_jit(*host_args("entropy", logits, where, temperature, "logits"), axis,
+                        axis_name)
 
 
 # --------------------------------------------------------------------------
@@ -140,22 +140,22 @@ def _kl_parts(axes, xp, xq, t, mask):
     cross = jnp.exp(zp) * (_finite(zp) - _finite(zq))
     cross = nz.select(zp == -INF, 0.0, nz.select(zq == -INF, INF, cross))
     norm = nz.normaliser(zp, axes)
-    s_q, weighted = nz.reduce_sum(jnp.exp(zq), axes), nz.reduce_sum(cross, axes)
-    log_s_q = jnp.log(nz.safe_normaliser(s_q))
+    s_q, weighted = nz.reduce(jnp.exp(zq), axes), nz.reduce(cross, axes)
+    log_s_q = jnp.log(nz.select(s_q == 0, 1.0, s_q))
     infinite = weighted == INF
-    finite = nz.select(infinite, 0.0, weighted) / nz.safe_normaliser(norm.s)
+    finite = nz.select(infinite, 0.0, weighted) / nz.select(norm.s == 0, 1.0, norm.s)
     kl = nz.select(infinite, INF, finite - norm.log_s + log_s_q)
     mass = (norm.s > 0).astype(zp.dtype)
     return nz.select(norm.s == 0, 0.0, kl), zp, zq, norm.log_s, log_s_q, mass, finite
 
 
-@jax.custom_jvp
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _kl_divergence(axes, xp, xq, t, mask):
     return _kl_parts(axes, xp, xq, t, mask)[0]
 
 
 @partial(_kl_divergence.defjvp, symbolic_zeros=True)
-def _kl_divergence_jvp(primals, tangents):
+def _kl_divergence_jvp(axes, primals, tangents):
     """dKL = sum p (g - sum(p g)) dz_p - sum (p - |p| q) dz_q (|p| = sum p, 1
     or 0 where p has nothing included), with
     g = zp - zq (log p - log q up to a per-slice constant) and
@@ -164,14 +164,13 @@ def _kl_divergence_jvp(primals, tangents):
     where k entries tie at the top. Zero where KL is +inf (no finite
     direction changes it). Checkpointed on both logits: reverse mode keeps
     two input-sized arrays."""
-    axes, xp, xq, t, mask = primals
-    dxp, dxq, dt = (nz.tangent_value(v) for v in tangents[1:4])
+    xp, xq, t, mask = primals
+    dxp, dxq, dt = tangents[:3]
     kl, zp, zq, log_s_p, log_s_q, mass, mean_gap = _kl_parts(axes, xp, xq, t, mask)
-    dzp = nz.tangent_logits(None if dt is None else zp, t, dxp, dt)
-    dzq = nz.tangent_logits(None if dt is None else zq, t, dxq, dt)
+    dzp, dzq = nz.tangent_logits(zp, t, dxp, dt), nz.tangent_logits(zq, t, dxq, dt)
     if dzp is None and dzq is None:
         return kl, jnp.zeros_like(kl)
-    tangent = jax.checkpoint(_kl_tangent, prevent_cse=False)
+    tangent = jax.checkpoint(_kl_tangent, prevent_cse=False, static_argnums=(0,))
     return kl, tangent(axes, zp, zq, log_s_p, log_s_q, mass, kl, mean_gap, dzp, dzq)
 
 
@@ -183,15 +182,15 @@ def _kl_tangent(axes, zp, zq, log_s_p, log_s_q, mass, kl, mean_gap, dzp, dzq):
         # Finite before it multiplies the tangent (mean_gap is 0 where KL is
         # +inf): its transpose would otherwise meet 0 * inf.
         gap = _finite(zp) - _finite(zq) - mean_gap
-        out = out + nz.reduce_sum(p * gap * dzp, axes)
+        out = out + nz.reduce(p * gap * dzp, axes)
     if dzq is not None:
         # p - q = (d - q sum(d)) / s_p with d = exp(zp) - exp(zq) (as
         # s_q - s_p = -sum(d)): no two numbers near 1/k are subtracted where k
         # entries tie at the top. |p| makes it exactly 0 where p is empty.
         q = jnp.exp(zq - log_s_q)
         d = _exp_difference(zp, zq)
-        p_minus_q = (d - q * nz.reduce_sum(d, axes)) * jnp.exp(-log_s_p)
-        out = out - nz.reduce_sum(mass * p_minus_q * dzq, axes)
+        p_minus_q = (d - q * nz.reduce(d, axes)) * jnp.exp(-log_s_p)
+        out = out - nz.reduce(mass * p_minus_q * dzq, axes)
     return nz.select(infinite, 0.0, out)
 
 
@@ -207,11 +206,16 @@ def _exp_difference(a, b):
     return nz.select(first, d, -d)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _kl_divergence_jit(axes, dtype, layout, xp, xq, t, mask):
-    t, mask = shaped_slice_args(axes, layout, xp, t, mask)
-    kl = _kl_divergence(axes, xp, xq, t, mask)
-    return jnp.squeeze(kl, tuple(axes)).astype(dtype)
+@partial(jax.jit, static_argnums=(4, 5))
+def _kl_divergence_jit(xp, xq, where, t, axis, axis_name):
+    if xq.shape != xp.shape:
+        raise ValueError(f"kl_divergence: logits_q has shape {xq.shape} but logits_p has shape "
+                         f"{xp.shape}; give both distributions' logits with the same shape")
+    dtype = jnp.promote_types(inexact_dtype(xp.dtype), inexact_dtype(xq.dtype))
+    xq = slice_args("kl_divergence", xq, axis, None, None, "logits_q")[0].astype(dtype)
+    xp, _, axes, mask, t = slice_args("kl_divergence", xp, axis, where, t, "logits_p")
+    kl = _kl_divergence(nz.Axes(axes, axis_name), xp.astype(dtype), xq, t, mask)
+    return jnp.squeeze(kl, axes).astype(dtype)
 
 
 def kl_divergence(
@@ -261,19 +265,6 @@ def kl_divergence(
       >>> jsoftmax.kl_divergence(p, jnp.array([0.0, -jnp.inf, 0.0]))
       Array(inf, dtype=float32)
     """
-    name = "kl_divergence"
-    arr_p, dtype_p, axes, mask, t, layout = slice_args(
-        name, logits_p, axis, where, temperature, "logits_p"
-    )
-    arr_q, dtype_q = as_real_array(name, logits_q, "logits_q", keep_low_precision=True)
-    if arr_q.shape != arr_p.shape:
-        raise ValueError(
-            f"{name}: logits_q has shape {arr_q.shape} but logits_p has shape "
-            f"{arr_p.shape}; give both distributions' logits with the same shape"
-        )
-    dtype = jnp.promote_types(dtype_p, dtype_q)
-    if arr_p.dtype != arr_q.dtype:
-        arr_p, arr_q = arr_p.astype(dtype), arr_q.astype(dtype)
-    return _kl_divergence_jit(
-        nz.reduction(axes, axis_name), dtype, layout, arr_p, arr_q, t, mask
-    )
+    xp, where, t = host_args("kl_divergence", logits_p, where, temperature, "logits_p")
+    xq = host_args("kl_divergence", logits_q, arg="logits_q")[0]
+    return _kl_divergence_jit(xp, xq, where, t, axis, axis_name)

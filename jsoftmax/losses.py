@@ -16,6 +16,7 @@ two numbers per example (see the README for the measured memory).
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -27,20 +28,11 @@ from jax.typing import ArrayLike
 from jsoftmax import _normalise as nz
 from jsoftmax._checks import (
     Axis,
-    broadcasts_to,
-    canonicalize_axes,
-    cast_real,
-    class_layout,
-    classes_last,
     compute_dtype,
-    host_array,
-    is_traced,
+    host_args,
+    inexact_dtype,
     promoted_dtype,
-    real_spec,
-    shaped_mask,
-    shaped_temperature,
-    temperature_per_row,
-    temperature_spec,
+    slice_args,
     widen_labels,
 )
 from jsoftmax._normalise import INF, AxisName
@@ -48,69 +40,31 @@ from jsoftmax._normalise import INF, AxisName
 __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
 
 
-# --------------------------------------------------------------------------
-# Argument handling shared by both losses.
-# --------------------------------------------------------------------------
+def _host_args(name, logits, labels, where, temperature, label_smoothing, label_kind):
+    """The concrete checks of both losses: ``(x, labels, where, t, alpha)``."""
+    x, where, t = host_args(name, logits, where, temperature, "logits")
+    labels, _, alpha = host_args(name, labels, None, label_smoothing, "labels", high=1.0,
+                                 neutral=0.0, what="label_smoothing")
+    if labels.dtype.kind not in label_kind:
+        raise TypeError(
+            f"{name}: labels must be integer class indices; got dtype {labels.dtype}. Cast them "
+            "(labels.astype(jnp.int32)), or use softmax_cross_entropy for probability labels"
+            if label_kind == "iu" else
+            f"{name}: labels has dtype {labels.dtype}, which is not a real number type; cast "
+            "it first, e.g. labels.astype(jnp.float32)")
+    return x, labels, where, t, alpha
 
 
-def _loss_mask_spec(name: str, where: ArrayLike | None, shape, axes):
-    """``(where, expand)``: ``where`` of the logits' shape, or of the batch
-    shape (as optax accepts; ``expand`` says so), checked from its shape
-    alone; :func:`_shaped_loss_mask` converts it inside the jit."""
-    if where is None:
-        return None, False
-    mask_shape = tuple(np.shape(where))
-    expand = len(mask_shape) != len(shape) and len(mask_shape) == len(shape) - len(axes)
-    if expand:
-        mask_shape = _expanded(mask_shape, axes)
-    if not broadcasts_to(mask_shape, tuple(shape)):
-        raise ValueError(
-            f"{name}: where has shape {mask_shape}, which does not broadcast to the "
-            f"input shape {tuple(shape)}; give a boolean mask of the input's shape "
-            "(or one that broadcasts to it)"
-        )
-    return host_array(where), expand
-
-
-def _expanded(shape, axes):
-    """``shape`` with size-1 axes inserted at ``axes`` (``jnp.expand_dims``)."""
-    out = list(shape)
-    for a in sorted(axes):
-        out.insert(a, 1)
-    return tuple(out)
-
-
-def _shaped_loss_mask(where, expand, shape, axes):
-    """The mask of :func:`_loss_mask_spec` as a boolean array of ``shape``."""
-    if where is None:
+def _smoothing(name, alpha, dtype):
+    """The label smoothing as a scalar of ``dtype``, NaN outside [0, 1] (a
+    jax array's value is checked on the device)."""
+    if alpha is None:
         return None
-    mask = jnp.asarray(where)
-    if expand:
-        mask = jnp.expand_dims(mask, tuple(axes))
-    return shaped_mask(mask, shape)
-
-
-def _label_smoothing(name: str, alpha: ArrayLike) -> ArrayLike | None:
-    """None for a concrete 0, else ``alpha`` for :func:`_alpha` to convert
-    inside the jit; concrete values must be in [0, 1]."""
-    if np.ndim(alpha) != 0:
-        raise ValueError(
-            f"{name}: label_smoothing must be a scalar in [0, 1]; got shape {np.shape(alpha)}"
-        )
-    if is_traced(alpha):
-        return alpha
-    # A Python number is read without NumPy; an array (rare here) is read back.
-    value = float(alpha) if isinstance(alpha, (int, float)) else float(np.asarray(alpha))
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(
-            f"{name}: label_smoothing must be in [0, 1] (0 is no smoothing); got {value!r}"
-        )
-    return None if value == 0.0 else host_array(alpha)
-
-
-def _alpha(alpha, dtype):
-    """The smoothing of :func:`_label_smoothing` as a scalar of ``dtype``."""
-    return None if alpha is None else jnp.asarray(alpha, dtype)
+    if jnp.ndim(alpha):
+        raise ValueError(f"{name}: label_smoothing must be a scalar in [0, 1]; got shape "
+                         f"{jnp.shape(alpha)}")
+    alpha = jnp.asarray(alpha, dtype)
+    return nz.select((alpha >= 0) & (alpha <= 1), alpha, jnp.nan)
 
 
 # --------------------------------------------------------------------------
@@ -123,82 +77,82 @@ def _kept_labels(labels, mask):
     return labels if mask is None else nz.select(mask, labels, 0.0)
 
 
-def _dense_terms(x, labels, t, mask, shift, norm):
+def _probability_terms(x, labels, t, mask, shift, norm):
     """``(probs, surprisal, kept_labels)`` of slices with ``shift`` and
     normaliser ``norm``: softmax, -log softmax (+inf on excluded classes) and
     the labels with the classes that ``where`` drops set to 0."""
-    z = nz.shifted(x, shift, t, mask)
-    probs = nz.probabilities(z, norm.s)
-    surprisal = -nz.log_probabilities(z, norm.log_s)
+    z, _ = nz.logits(None, x, t, mask, shift)
+    probs = jnp.exp(z) / nz.select(norm.s == 0, 1.0, norm.s)
+    surprisal = nz.select(z == -INF, INF + lax.stop_gradient(norm.log_s), norm.log_s - z)
     return probs, surprisal, _kept_labels(labels, mask)
 
 
-def _dense_parts(axes, x, labels, t, mask, mean_z=False):
+def _probability_parts(axes, x, labels, t, mask, mean_z=False):
     """``(loss, shift, norm)``: sum_j l_j (log s - z_j) over the kept
     classes, with the slice's shift and normaliser (and ``norm.mean_z``
     when asked for)."""
-    shift = nz.slice_shift(axes, x, t, mask)
-    norm = nz.normaliser(nz.shifted(x, shift, t, mask), axes, mean_z)
-    _, surprisal, kept = _dense_terms(x, labels, t, mask, shift, norm)
+    z, shift = nz.logits(axes, x, t, mask)
+    norm = nz.normaliser(z, axes, mean_z)
+    _, surprisal, kept = _probability_terms(x, labels, t, mask, shift, norm)
     terms = nz.select(kept == 0, 0.0, kept * surprisal)
-    loss = nz.reduce_sum(terms, axes, keepdims=False)
-    nothing = jnp.squeeze(norm.s == 0, tuple(axes))
+    loss = nz.reduce(terms, axes, keepdims=False)
+    nothing = jnp.squeeze(norm.s == 0, axes.axes)
     return nz.select(nothing, 0.0, loss), shift, norm
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _dense_cross_entropy(axes, x, labels, t, mask):
+def _probability_cross_entropy(axes, x, labels, t, mask):
     """sum_j l_j (log s - z_j) over the kept classes. A zero label costs 0
     (0 log 0 = 0), a positive label on a class of probability 0 costs +inf
     (a negative one -inf); a slice with nothing included costs 0."""
-    return _dense_parts(axes, x, labels, t, mask)[0]
+    return _probability_parts(axes, x, labels, t, mask)[0]
 
 
-def _dense_tangent(axes, x, labels, t, mask, shift, norm, dx, dlabels):
+def _probability_tangent(axes, x, labels, t, mask, shift, norm, dx, dlabels):
     """sum_j (L p_j - l_j) dx_j / t + sum_j (log s - z_j) dl_j over the
     included classes (L the kept label mass), from x and the per-slice shift
     and normaliser (checkpointed by the caller: no residual of x's shape)."""
-    probs, surprisal, kept = _dense_terms(x, labels, t, mask, shift, norm)
+    probs, surprisal, kept = _probability_terms(x, labels, t, mask, shift, norm)
     included = surprisal != INF
     out = jnp.zeros(norm.s.shape, norm.s.dtype)
-    dz = nz.tangent_logits(nz.shifted(x, shift, t, mask), t, dx, None)
+    dz = nz.tangent_logits(nz.logits(None, x, t, mask, shift)[0], t, dx, None)
     if dz is not None:
-        mass = nz.reduce_sum(kept, axes)
-        out = out + nz.reduce_sum(nz.select(included, mass * probs - kept, 0.0) * dz, axes)
+        mass = nz.reduce(kept, axes)
+        out = out + nz.reduce(nz.select(included, mass * probs - kept, 0.0) * dz, axes)
     if dlabels is not None:
         dl = dlabels if mask is None else nz.select(mask, dlabels, 0.0)
-        out = out + nz.reduce_sum(nz.select(included, surprisal, 0.0) * dl, axes)
-    return jnp.squeeze(out, tuple(axes))
+        out = out + nz.reduce(nz.select(included, surprisal, 0.0) * dl, axes)
+    return jnp.squeeze(out, axes.axes)
 
 
-def _dense_dt(axes, labels, t, mask, norm, loss):
+def _probability_dt(axes, labels, t, mask, norm, loss):
     """d loss / dt = -sum_j (L p_j - l_j) z_j / t where the loss is finite,
     with sum_j l_j z_j = L log s - loss: one number per example (keepdims),
     computed in the forward pass (reverse mode in t keeps nothing of the
     logits' shape)."""
-    mass = nz.reduce_sum(_kept_labels(labels, mask), axes)
-    infinite = jnp.expand_dims(jnp.isinf(loss), tuple(axes))
-    label_z = mass * norm.log_s - nz.select(infinite, 0.0, jnp.expand_dims(loss, tuple(axes)))
+    mass = nz.reduce(_kept_labels(labels, mask), axes)
+    infinite = jnp.expand_dims(jnp.isinf(loss), axes.axes)
+    label_z = mass * norm.log_s - nz.select(infinite, 0.0, jnp.expand_dims(loss, axes.axes))
     dt = -(mass * norm.mean_z - label_z) * nz.inverse_temperature(t)
     # An infinite loss is a constant: its coefficient is 0, not inf or NaN.
     return nz.select(infinite, 0.0, dt)
 
 
-@partial(_dense_cross_entropy.defjvp, symbolic_zeros=True)
-def _dense_cross_entropy_jvp(axes, primals, tangents):
-    """The derivative of :func:`_dense_tangent`; the derivative in a label on
+@partial(_probability_cross_entropy.defjvp, symbolic_zeros=True)
+def _probability_cross_entropy_jvp(axes, primals, tangents):
+    """The derivative of :func:`_probability_tangent`; the derivative in a label on
     a class of probability 0 is taken as 0, and an infinite loss is a
     constant."""
     x, labels, t, mask = primals
     dx, dlabels, dt = (nz.tangent_value(v) for v in tangents[:3])
-    loss, shift, norm = _dense_parts(axes, x, labels, t, mask, mean_z=dt is not None)
+    loss, shift, norm = _probability_parts(axes, x, labels, t, mask, mean_z=dt is not None)
     out = jnp.zeros_like(loss)
     if dx is not None or dlabels is not None:
-        tangent = jax.checkpoint(partial(_dense_tangent, axes), prevent_cse=False)
+        tangent = jax.checkpoint(partial(_probability_tangent, axes), prevent_cse=False)
         out = out + tangent(x, labels, t, mask, shift, norm, dx, dlabels)
     if dt is not None:
-        coefficient = _dense_dt(axes, labels, t, mask, norm, loss)
-        out = out + jnp.squeeze(coefficient * dt, tuple(axes))
+        coefficient = _probability_dt(axes, labels, t, mask, norm, loss)
+        out = out + jnp.squeeze(coefficient * dt, axes.axes)
     # 0 * out keeps a NaN of the example NaN.
     return loss, nz.select(jnp.isinf(loss), 0.0 * out, out)
 
@@ -208,20 +162,27 @@ def _smoothed(axes, labels, mask, alpha):
     return (1.0 - alpha) * labels + alpha * _kept_weights(axes, labels.shape, mask)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _dense_cross_entropy_jit(axes, dtypes, layout, expand, shape, x, labels, where, t, alpha):
-    """Everything a call does on the device: the conversions of the checked
-    arguments, the (smoothed) labels and the loss, in one computation."""
-    out_dtype, label_dtype, result_dtype = dtypes
-    x = cast_real(x, out_dtype, keep_low_precision=True)
-    dtype = compute_dtype(x.dtype)
-    labels = jnp.broadcast_to(cast_real(labels, label_dtype).astype(dtype), shape)
-    mask = _shaped_loss_mask(where, expand, shape, axes)
-    t = shaped_temperature(t, layout, shape, tuple(axes), dtype)
-    alpha = _alpha(alpha, dtype)
+@partial(jax.jit, static_argnums=(5, 6))
+def _probability_cross_entropy_jit(x, labels, where, t, alpha, axis, axis_name):
+    name = "softmax_cross_entropy"
+    result_dtype = promoted_dtype(x, labels)
+    x, dtype, axes, mask, t = slice_args(name, x, axis, where, t, "logits", batch_where=True)
+    try:
+        fits = np.broadcast_shapes(labels.shape, x.shape) == x.shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name}: labels of shape {labels.shape} do not broadcast to the logits' shape "
+            f"{x.shape}; give one probability per logit (for class indices use "
+            "softmax_cross_entropy_with_integer_labels)")
+    dtype = compute_dtype(dtype)
+    labels = jnp.broadcast_to(labels.astype(inexact_dtype(labels.dtype)).astype(dtype), x.shape)
+    alpha = _smoothing(name, alpha, dtype)
+    axes = nz.Axes(axes, axis_name)
     if alpha is not None:
         labels = _smoothed(axes, labels, mask, alpha)
-    return _dense_cross_entropy(axes, x, labels, t, mask).astype(result_dtype)
+    return _probability_cross_entropy(axes, x, labels, t, mask).astype(result_dtype)
 
 
 def softmax_cross_entropy(
@@ -279,26 +240,9 @@ def softmax_cross_entropy(
       >>> jsoftmax.softmax_cross_entropy(jnp.array([0.0, -jnp.inf]), jnp.array([1.0, 0.0]))
       Array(0., dtype=float32)
     """
-    name = "softmax_cross_entropy"
-    # Checks on static information only: the device work is one jitted call.
-    x, out_dtype = real_spec(name, logits, "logits")
-    # Boolean labels are accepted as 0 / 1 probabilities, as optax does.
-    y, label_dtype = real_spec(name, labels, "labels", allow_bool=True)
-    shape, y_shape = tuple(np.shape(x)), tuple(np.shape(y))
-    if not broadcasts_to(y_shape, shape):
-        raise ValueError(
-            f"{name}: labels of shape {y_shape} do not broadcast to the logits' shape "
-            f"{shape}; give one probability per logit (for class indices use "
-            "softmax_cross_entropy_with_integer_labels)"
-        )
-    axes = canonicalize_axes(name, axis, len(shape))
-    mask, expand = _loss_mask_spec(name, where, shape, axes)
-    t, layout = temperature_spec(name, temperature, shape, axes)
-    alpha = _label_smoothing(name, label_smoothing)
-    dtypes = (out_dtype, label_dtype, promoted_dtype(logits, labels))
-    return _dense_cross_entropy_jit(
-        nz.reduction(axes, axis_name), dtypes, layout, expand, shape, x, y, mask, t, alpha
-    )
+    args = _host_args("softmax_cross_entropy", logits, labels, where, temperature,
+                      label_smoothing, "biufV")
+    return _probability_cross_entropy_jit(*args, axis, axis_name)
 
 
 # --------------------------------------------------------------------------
@@ -334,13 +278,13 @@ def _target(axes, x, labels, mask, alpha):
 def _kept_weights(axes, shape, mask):
     """1/K on each of the K classes ``where`` keeps, 0 elsewhere."""
     if mask is None:
-        count = float(np.prod([shape[a] for a in axes]))
+        count = float(np.prod([shape[a] for a in axes.axes]))
         name = getattr(axes, "axis_name", None)
         count = count if name is None else count * lax.axis_size(name)
         # No classes: an empty array, whatever its fill.
         return jnp.full(shape, 1.0 / count if count else 0.0, jnp.float32)
-    count = nz.reduce_sum(mask.astype(jnp.float32), axes)
-    return nz.select(mask, 1.0 / nz.safe_normaliser(count), 0.0)
+    count = nz.reduce(mask.astype(jnp.float32), axes)
+    return nz.select(mask, 1.0 / nz.select(count == 0, 1.0, count), 0.0)
 
 
 def _integer_parts(axes, x, labels, t, mask, alpha, mean_z=False):
@@ -348,14 +292,13 @@ def _integer_parts(axes, x, labels, t, mask, alpha, mean_z=False):
     ``norm.mean_z`` when asked for.
 
     z_y is the label's logit by the same rule as every other logit
-    (``_normalise.shifted`` of the gathered entry), so log s - z_y is exact
+    (``_normalise.logits`` of the gathered entry), so log s - z_y is exact
     however far x_y lies below the max. Under ``axis_name`` the shard that
     holds a label's class contributes its logit through a psum.
     """
     local, here, valid = _label_index(axes, x.shape[-1], labels)
     index = nz.select(here, local, 0)[..., None]
-    shift = nz.slice_shift(axes, x, t, mask)
-    z = nz.shifted(x, shift, t, mask)
+    z, shift = nz.logits(axes, x, t, mask)
     smoothing = ()
     if alpha is not None:
         # optax.smooth_labels then the dense loss: (1 - a) CE + a mean(-log p)
@@ -367,9 +310,9 @@ def _integer_parts(axes, x, labels, t, mask, alpha, mean_z=False):
     norm = nz.normaliser(z, axes, mean_z, smoothing)
     x_y = jnp.take_along_axis(x, index, axis=-1)
     mask_y = None if mask is None else jnp.take_along_axis(mask, index, axis=-1)
-    z_y = nz.shifted(x_y, shift, t, mask_y)
-    # +inf for a label on an excluded class.
-    log_p_y = nz.log_probabilities(z_y, norm.log_s)
+    z_y, _ = nz.logits(None, x_y, t, mask_y, shift)
+    # -inf for a label on an excluded class (no derivative; NaN with a NaN log s).
+    log_p_y = nz.select(z_y == -INF, -INF - lax.stop_gradient(norm.log_s), z_y - norm.log_s)
     name = getattr(axes, "axis_name", None)
     if name is not None:
         z_y = lax.psum(nz.select(here[..., None], z_y, 0.0), name)
@@ -400,11 +343,11 @@ def _integer_tangent(axes, x, labels, t, mask, alpha, shift, s, dx):
     """sum_j (p_j - w_j) dx_j / t over the included classes, from x and the
     per-example shift and normaliser (checkpointed by the caller,
     so reverse mode keeps no array of the logits' shape)."""
-    z = nz.shifted(x, shift, t, mask)
-    probs = nz.probabilities(z, s)
+    z, _ = nz.logits(None, x, t, mask, shift)
+    probs = jnp.exp(z) / nz.select(s == 0, 1.0, s)
     dz = nz.tangent_logits(z, t, dx, None)
     coefficient = nz.select(z == -INF, 0.0, probs - _target(axes, x, labels, mask, alpha))
-    return nz.reduce_sum(coefficient * dz, axes)
+    return nz.reduce(coefficient * dz, axes)
 
 
 def _integer_dt(t, alpha, norm, z_y, smooth, loss, valid):
@@ -450,24 +393,32 @@ def _integer_cross_entropy_jvp(axes, primals, tangents):
     return loss, nz.select(moves, out, 0.0 * out)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _integer_cross_entropy_jit(axis_name, layout_axes, out_dtype, layout, expand,
-                               x, labels, where, t, alpha):
-    """Everything a call does on the device, in one computation: the
-    conversions, the classes moved last and merged into one axis, the loss."""
-    axes, sorted_axes, batch_axes = layout_axes
-    x = cast_real(x, out_dtype, keep_low_precision=True)
-    dtype = compute_dtype(x.dtype)
-    mask = _shaped_loss_mask(where, expand, x.shape, sorted_axes)
-    t = shaped_temperature(t, layout, x.shape, sorted_axes, dtype)
-    alpha = _alpha(alpha, dtype)
-    x = classes_last(x, batch_axes, axes)
-    if mask is not None:
-        mask = classes_last(mask, batch_axes, axes)
-    t = temperature_per_row(t, sorted_axes)
-    reduction = nz.reduction((x.ndim - 1,), axis_name)
-    loss = _integer_cross_entropy(reduction, x, widen_labels(jnp.asarray(labels)), t, mask, alpha)
-    return loss[..., 0].astype(out_dtype)
+@partial(jax.jit, static_argnums=(5, 6))
+def _integer_cross_entropy_jit(x, labels, where, t, alpha, axis, axis_name):
+    """The checks, the classes moved last and merged into one axis (in the
+    order given: a label is a flat index into them), and the loss."""
+    name = "softmax_cross_entropy_with_integer_labels"
+    x, dtype, axes, mask, t = slice_args(name, x, axis, where, t, "logits", batch_where=True)
+    order = axes if axis is None or isinstance(axis, int) else tuple(a % x.ndim for a in axis)
+    if axis_name is not None and len(order) != 1:
+        raise ValueError(f"{name}: with axis_name the classes must be one axis (the sharded "
+                         f"one); got axis={axis!r}")
+    batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
+    batch_shape = tuple(x.shape[i] for i in batch_axes)
+    if labels.shape != batch_shape:
+        raise ValueError(
+            f"{name}: labels have shape {labels.shape} but the logits' batch shape is "
+            f"{batch_shape} (logits shape {x.shape} without axis {order}); give one class "
+            "index per example")
+    alpha = _smoothing(name, alpha, compute_dtype(dtype))
+    # The classes last, merged into one axis; a temperature one per row.
+    classes = math.prod(x.shape[a] for a in order)
+    x, mask = (None if v is None else jnp.transpose(v, batch_axes + order).reshape(
+        (*batch_shape, classes)) for v in (x, mask))
+    t = t if t is None or t.ndim == 0 else jnp.squeeze(t, axes)[..., None]
+    axes = nz.Axes((x.ndim - 1,), axis_name)
+    loss = _integer_cross_entropy(axes, x, widen_labels(labels), t, mask, alpha)
+    return loss[..., 0].astype(dtype)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -530,34 +481,6 @@ def softmax_cross_entropy_with_integer_labels(
       >>> jsoftmax.softmax_cross_entropy_with_integer_labels(logits, labels, where=masked)
       Array([0.2761297, 0.       ], dtype=float32)
     """
-    name = "softmax_cross_entropy_with_integer_labels"
-    # Checks on static information only: the device work is one jitted call.
-    x, out_dtype = real_spec(name, logits, "logits")
-    shape = tuple(np.shape(x))
-    axes, sorted_axes, batch_axes = class_layout(name, axis, len(shape))
-    if axis_name is not None and len(axes) != 1:
-        raise ValueError(
-            f"{name}: with axis_name the classes must be one axis (the sharded one); "
-            f"got axis={axis!r}"
-        )
-    batch_shape = tuple(shape[i] for i in batch_axes)
-    y = host_array(labels)
-    if not jnp.issubdtype(y.dtype, jnp.integer):
-        raise TypeError(
-            f"{name}: labels must be integer class indices; got dtype {y.dtype}. "
-            "Cast them (labels.astype(jnp.int32)), or use softmax_cross_entropy for "
-            "probability labels"
-        )
-    if y.shape != batch_shape:
-        raise ValueError(
-            f"{name}: labels have shape {y.shape} but the logits' batch shape is "
-            f"{batch_shape} (logits shape {shape} without axis {axes}); give one "
-            "class index per example"
-        )
-    mask, expand = _loss_mask_spec(name, where, shape, sorted_axes)
-    t, layout = temperature_spec(name, temperature, shape, sorted_axes)
-    alpha = _label_smoothing(name, label_smoothing)
-    return _integer_cross_entropy_jit(
-        axis_name, (axes, sorted_axes, batch_axes), out_dtype, layout, expand, x, y, mask, t,
-        alpha,
-    )
+    args = _host_args("softmax_cross_entropy_with_integer_labels", logits, labels, where,
+                      temperature, label_smoothing, "iu")
+    return _integer_cross_entropy_jit(*args, axis, axis_name)

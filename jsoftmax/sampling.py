@@ -16,22 +16,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jsoftmax import _normalise as nz
-from jsoftmax._checks import (
-    Axis,
-    broadcasts_to,
-    cast_real,
-    class_layout,
-    classes_last,
-    host_array,
-    is_traced,
-    mask_spec,
-    real_spec,
-    reduced_shape,
-    shaped_mask,
-    shaped_temperature,
-    temperature_per_row,
-    temperature_spec,
-)
+from jsoftmax._checks import Axis, classes_last, host_args, is_traced, slice_args
 from jsoftmax.core import log_softmax, softmax
 
 __all__ = ["gumbel_softmax", "sample"]
@@ -60,7 +45,7 @@ def _sample(key, x, mask, t, top_k, top_p):
     if top_p is None:
         # The draw needs the tempered logits only: log s is one constant per
         # slice, which cannot move the argmax (and costs compile time).
-        log_probs, _ = nz.logits((scores.ndim - 1,), scores, t)
+        log_probs, _ = nz.logits(nz.Axes((scores.ndim - 1,)), scores, t)
     else:
         log_probs = log_softmax(scores, -1, None, temperature=1.0 if t is None else t)
     if top_p is not None:
@@ -90,24 +75,19 @@ def _sample(key, x, mask, t, top_k, top_p):
     return nz.select(empty, -1, drawn).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _sample_jit(layout_axes, out_dtype, layout, squeeze_p, top_k, key, x, where, t, p):
-    """Everything a call of :func:`sample` does on the device: the
-    conversions, the classes moved last and merged, and the draw."""
-    axes, sorted_axes, batch_axes = layout_axes
-    x = cast_real(x, out_dtype)
-    shape = x.shape
-    mask = shaped_mask(where, shape)
-    t = shaped_temperature(t, layout, shape, sorted_axes, x.dtype)
+@partial(jax.jit, static_argnums=(5, 6))
+def _sample_jit(key, x, where, t, p, axis, top_k):
+    """The checks, the classes moved last and merged, and the draw."""
+    x, dtype, axes, mask, t = slice_args("sample", x, axis, where, t, "logits")
     if p is not None:
-        p = jnp.asarray(p).astype(x.dtype)
-        if squeeze_p:
-            p = jnp.squeeze(p, sorted_axes)  # the keepdims shape, as temperature takes
-        p = jnp.broadcast_to(p, reduced_shape(shape, sorted_axes))[..., None]
-    x = classes_last(x, batch_axes, axes)
-    if mask is not None:
-        mask = classes_last(mask, batch_axes, axes)
-    return _sample(key, x, mask, temperature_per_row(t, sorted_axes), top_k, p)
+        p = slice_args("sample", x, axis, None, p, "logits", t_name="top_p")[4]
+    x, mask, t, p = classes_last(axis, axes, x.astype(jnp.promote_types(dtype, jnp.float32)),
+                                 mask, t, p)
+    if p is not None and p.ndim == 0:
+        p = jnp.broadcast_to(p, (*x.shape[:-1], 1))
+    if x.shape[-1] == 0:  # nothing to sample in any slice
+        return jnp.full(x.shape[:-1], -1, jnp.int32)
+    return _sample(key, x, mask, t, None if top_k is None else min(top_k, x.shape[-1]), p)
 
 
 def sample(
@@ -166,52 +146,17 @@ def sample(
       Array([1, 0], dtype=int32)
     """
     name = "sample"
-    # Checks on static information only: the device work is one jitted call.
-    x, out_dtype = real_spec(name, logits, "logits")
-    shape = tuple(np.shape(x))
-    axes, sorted_axes, batch_axes = class_layout(name, axis, len(shape))
-    batch = reduced_shape(shape, sorted_axes)
-    mask = host_array(mask_spec(name, where, shape)) if where is not None else None
-    t, layout = temperature_spec(name, temperature, shape, sorted_axes)
-    num_classes = int(np.prod([shape[a] for a in axes]))
+    x, where, t = host_args(name, logits, where, temperature, "logits")
+    if top_p is not None:
+        top_p = host_args(name, x, None, top_p, "logits", high=1.0, neutral=np.nan,
+                          what="top_p")[2]
     if top_k is not None:
-        if is_traced(top_k) or isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        if is_traced(top_k) or isinstance(top_k, bool) or not isinstance(top_k, int | np.integer):
             raise TypeError(f"{name}: top_k must be a Python int (static); got {top_k!r}")
         if top_k < 1:
             raise ValueError(f"{name}: top_k must be >= 1 (None keeps all); got {top_k}")
-        top_k = min(int(top_k), num_classes)
-    p, squeeze_p = _top_p_spec(name, top_p, shape, sorted_axes)
-    if num_classes == 0:  # nothing to sample in any slice
-        return jnp.full(batch, -1, jnp.int32)
-    return _sample_jit(
-        (axes, sorted_axes, batch_axes), out_dtype, layout, squeeze_p, top_k, key, x, mask, t,
-        p,
-    )
-
-
-def _top_p_spec(name, top_p, shape, sorted_axes):
-    """``(top_p, squeeze)`` checked from static information (a concrete
-    value must be in [0, 1]); ``squeeze`` says it has the keepdims shape."""
-    if top_p is None:
-        return None, False
-    if not is_traced(top_p):
-        values = np.asarray(top_p, np.float64)
-        if np.isnan(values).any() or (values < 0).any() or (values > 1).any():
-            raise ValueError(f"{name}: top_p must be in [0, 1] (1 keeps all); got {top_p!r}")
-    p_shape = tuple(np.shape(top_p))
-    keepdims = tuple(1 if i in sorted_axes else n for i, n in enumerate(shape))
-    squeeze = len(p_shape) == len(shape) and len(p_shape) > 0 and all(
-        a == b or a == 1 for a, b in zip(p_shape, keepdims, strict=True)
-    )
-    if squeeze:
-        p_shape = reduced_shape(p_shape, sorted_axes)
-    batch = reduced_shape(shape, sorted_axes)
-    if not broadcasts_to(p_shape, batch):
-        raise ValueError(
-            f"{name}: top_p of shape {p_shape} does not broadcast to the batch shape "
-            f"{batch}; pass a scalar or one value per slice"
-        )
-    return host_array(top_p), squeeze
+        top_k = int(top_k)
+    return _sample_jit(key, x, where, t, top_p, axis, top_k)
 
 
 # --------------------------------------------------------------------------
@@ -239,22 +184,20 @@ def _gumbel_softmax(key, x, mask, t, hard):
     return one_hot + (soft - jax.lax.stop_gradient(soft))
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _gumbel_softmax_jit(layout_axes, out_dtype, layout, hard, key, x, where, t):
-    """Everything a call of :func:`gumbel_softmax` does on the device: the
-    classes moved last and merged, the sample, and back to the input layout."""
-    axes, sorted_axes, batch_axes = layout_axes
-    x = cast_real(x, out_dtype)
+@partial(jax.jit, static_argnums=(4, 5))
+def _gumbel_softmax_jit(key, x, where, t, axis, hard):
+    """The checks, the classes moved last and merged, the sample, and back
+    to the input layout."""
+    x, dtype, axes, mask, t = slice_args("gumbel_softmax", x, axis, where, t, "logits")
     shape = x.shape
-    mask = shaped_mask(where, shape)
-    t = shaped_temperature(t, layout, shape, sorted_axes, x.dtype)
-    flat = classes_last(x, batch_axes, axes)
-    if mask is not None:
-        mask = classes_last(mask, batch_axes, axes)
-    y = _gumbel_softmax(key, flat, mask, temperature_per_row(t, sorted_axes), hard)
-    perm = batch_axes + axes
+    flat, mask, t = classes_last(axis, axes, x.astype(jnp.promote_types(dtype, jnp.float32)),
+                                 mask, t)
+    y = _gumbel_softmax(key, flat, mask, t, hard)
+    batch = tuple(i for i in range(x.ndim) if i not in axes)
+    order = axes if axis is None or isinstance(axis, int) else tuple(a % x.ndim for a in axis)
+    perm = batch + order
     y = y.reshape(tuple(shape[i] for i in perm))
-    return jnp.transpose(y, tuple(int(i) for i in np.argsort(perm))).astype(out_dtype)
+    return jnp.transpose(y, tuple(int(i) for i in np.argsort(perm))).astype(dtype)
 
 
 def gumbel_softmax(
@@ -301,14 +244,7 @@ def gumbel_softmax(
       Array(1., dtype=float32)
     """
     name = "gumbel_softmax"
-    # Checks on static information only: the device work is one jitted call.
-    x, out_dtype = real_spec(name, logits, "logits")
-    shape = tuple(np.shape(x))
-    axes, sorted_axes, batch_axes = class_layout(name, axis, len(shape))
-    mask = host_array(mask_spec(name, where, shape)) if where is not None else None
-    t, layout = temperature_spec(name, temperature, shape, sorted_axes)
-    if not isinstance(hard, (bool, np.bool_)):
+    if not isinstance(hard, bool | np.bool_):
         raise TypeError(f"{name}: hard must be a Python bool (static); got {hard!r}")
-    return _gumbel_softmax_jit(
-        (axes, sorted_axes, batch_axes), out_dtype, layout, bool(hard), key, x, mask, t
-    )
+    x, where, t = host_args(name, logits, where, temperature, "logits")
+    return _gumbel_softmax_jit(key, x, where, t, axis, bool(hard))

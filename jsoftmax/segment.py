@@ -17,96 +17,64 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jsoftmax import _normalise as nz
-from jsoftmax._checks import (
-    as_real_array,
-    compute_dtype,
-    dtype_of,
-    is_traced,
-    mask_spec,
-    shaped_mask,
-    shaped_temperature,
-    temperature_spec,
-)
+from jsoftmax._checks import host_args, is_traced, slice_args
 from jsoftmax._normalise import INF
-from jsoftmax.core import log_softmax_over, softmax_over
 
 __all__ = ["segment_log_softmax", "segment_logsumexp", "segment_softmax"]
 
 
-def _canonical_args(name, logits, segment_ids, num_segments, where, temperature):
-    """Static checks: ``(logits, output dtype, ids, num_segments, mask, t, layout)``."""
-    arr, dtype = as_real_array(name, logits, "logits", keep_low_precision=True)
-    if arr.ndim == 0:
-        raise ValueError(
-            f"{name}: logits must have an entries axis first (shape [E, ...]); got a scalar"
-        )
-    id_dtype = dtype_of(name, segment_ids, "segment_ids")
-    if not jnp.issubdtype(id_dtype, jnp.integer):
-        raise TypeError(
-            f"{name}: segment_ids has dtype {id_dtype}; give integer segment ids, "
-            "e.g. segment_ids.astype(jnp.int32)"
-        )
-    if tuple(np.shape(segment_ids)) != arr.shape[:1]:
-        raise ValueError(
-            f"{name}: segment_ids has shape {tuple(np.shape(segment_ids))}; give one id "
-            f"per entry, shape ({arr.shape[0]},) for logits of shape {arr.shape}"
-        )
-    ids = jnp.asarray(segment_ids)
-    num_segments = _num_segments(name, ids, num_segments)
-    mask = mask_spec(name, where, arr.shape)
-    seg_shape = (num_segments, *arr.shape[1:])
-    t, layout = temperature_spec(name, temperature, seg_shape, ())
-    return arr, dtype, ids, num_segments, mask, t, layout
-
-
-def _num_segments(name, ids, num_segments):
+def _host_args(name, logits, segment_ids, num_segments, where, temperature):
+    """The concrete checks: ``(logits, ids, where, t, num_segments)``."""
+    x, where, t = host_args(name, logits, where, temperature, "logits")
+    ids = segment_ids if isinstance(segment_ids, jax.Array) else np.asarray(segment_ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"{name}: segment_ids has dtype {ids.dtype}; give integer segment ids, "
+                        "e.g. segment_ids.astype(jnp.int32)")
     if num_segments is None:
         if is_traced(ids):
-            raise ValueError(
-                f"{name}: num_segments is required under jit (it fixes the output "
-                "shape); pass num_segments=<number of segments>"
-            )
+            raise ValueError(f"{name}: num_segments is required under jit (it fixes the output "
+                             "shape); pass num_segments=<number of segments>")
         # As jax.ops.segment_sum: max id + 1, read back once.
-        return int(jnp.max(ids, initial=-1)) + 1
-    if is_traced(num_segments) or not isinstance(num_segments, (int, np.integer)) or isinstance(
-        num_segments, bool
-    ):
-        raise TypeError(
-            f"{name}: num_segments must be a Python int; got {num_segments!r}"
-        )
+        num_segments = int(jnp.max(ids, initial=-1)) + 1
+    if is_traced(num_segments) or not isinstance(num_segments, int | np.integer) or isinstance(
+            num_segments, bool):
+        raise TypeError(f"{name}: num_segments must be a Python int; got {num_segments!r}")
     if num_segments < 0:
         raise ValueError(f"{name}: num_segments must be >= 0; got {num_segments}")
-    return int(num_segments)
+    return x, ids, where, t, int(num_segments)
 
 
-def _segment_arrays(num_segments, indices_are_sorted, x, ids, t, mask, layout):
-    """Inside the jit: the segments, the temperature per row of their table
-    (or a scalar) and per entry, and the mask. The entries outside every
-    segment need no mask: they are normalised in rows of their own, which
-    the callers drop."""
+def _segment_args(name, x, ids, where, t, num_segments, indices_are_sorted):
+    """Inside the jit: ``(x, dtype, segments, mask, t)``, with ``t`` a scalar
+    or per row of the segments' table. The entries outside every segment
+    need no mask: they are normalised in rows of their own, which the
+    callers drop."""
+    if x.ndim == 0:
+        raise ValueError(f"{name}: logits must have an entries axis first (shape [E, ...]); "
+                         "got a scalar")
+    if ids.shape != x.shape[:1]:
+        raise ValueError(f"{name}: segment_ids has shape {ids.shape}; give one id per entry, "
+                         f"shape ({x.shape[0]},) for logits of shape {x.shape}")
+    x, dtype, _, mask, _ = slice_args(name, x, (), where, None, "logits")
+    # The temperature broadcasts against the table of segments, [num_segments, ...].
+    table = jnp.zeros((num_segments, *x.shape[1:]), x.dtype)
+    t = slice_args(name, table, (), None, t, "logits")[4]
     seg = nz.Segments.from_ids(ids, num_segments, indices_are_sorted)
-    seg_shape = (num_segments, *x.shape[1:])
-    t = shaped_temperature(t, layout, seg_shape, (), compute_dtype(x.dtype))
     if t is not None and t.ndim:
-        t = seg.table(jnp.broadcast_to(t, seg_shape), 1.0)
-    return seg, t, _entries(seg, t), shaped_mask(mask, x.shape)
+        t = seg.table(jnp.broadcast_to(t, table.shape), 1.0)
+    return x, dtype, seg, mask, t
 
 
-def _entries(seg, t):
-    """The temperature of each entry."""
-    return t if t is None or t.ndim == 0 else seg.per_entry(t)
-
-
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _per_entry_jit(fn, excluded, num_segments, indices_are_sorted, dtype, layout, x, ids, t,
-                   mask):
-    seg, _, t_entries, mask = _segment_arrays(
-        num_segments, indices_are_sorted, x, ids, t, mask, layout
-    )
-    out = fn(seg, x, t_entries, mask)
+@partial(jax.jit, static_argnums=(4, 5, 6))
+def _per_entry_jit(x, ids, where, t, log, num_segments, indices_are_sorted):
+    name = "segment_log_softmax" if log else "segment_softmax"
+    x, dtype, seg, mask, t = _segment_args(name, x, ids, where, t, num_segments,
+                                           indices_are_sorted)
+    t = t if t is None or t.ndim == 0 else seg.per_entry(t)
+    out = (nz.log_softmax if log else nz.softmax)(seg, x, t, mask)
     # A select on the output: masking these entries' input instead costs
     # a second pass of the segment reductions on XLA:CPU.
-    return nz.select(seg.members(x.ndim), out, excluded).astype(dtype)
+    return nz.select(seg.members(x.ndim), out, -INF if log else 0.0).astype(dtype)
 
 
 _DOC_ARGS = """
@@ -137,11 +105,8 @@ def segment_softmax(
     temperature: ArrayLike = 1.0,
     indices_are_sorted: bool = False,
 ) -> jax.Array:
-    args = _static_and_arrays(
-        "segment_softmax", logits, segment_ids, num_segments, where, temperature,
-        indices_are_sorted,
-    )
-    return _per_entry_jit(softmax_over, 0.0, *args)
+    args = _host_args("segment_softmax", logits, segment_ids, num_segments, where, temperature)
+    return _per_entry_jit(*args[:4], False, args[4], bool(indices_are_sorted))
 
 
 def segment_log_softmax(
@@ -153,20 +118,9 @@ def segment_log_softmax(
     temperature: ArrayLike = 1.0,
     indices_are_sorted: bool = False,
 ) -> jax.Array:
-    args = _static_and_arrays(
-        "segment_log_softmax", logits, segment_ids, num_segments, where, temperature,
-        indices_are_sorted,
-    )
-    return _per_entry_jit(log_softmax_over, -INF, *args)
-
-
-def _static_and_arrays(name, logits, segment_ids, num_segments, where, temperature, ordered):
-    """The arguments of the jitted calls after their function and fill value:
-    the static ones, then the arrays."""
-    x, dtype, ids, n, mask, t, layout = _canonical_args(
-        name, logits, segment_ids, num_segments, where, temperature
-    )
-    return n, bool(ordered), dtype, layout, x, ids, t, mask
+    args = _host_args("segment_log_softmax", logits, segment_ids, num_segments, where,
+                      temperature)
+    return _per_entry_jit(*args[:4], True, args[4], bool(indices_are_sorted))
 
 
 segment_softmax.__doc__ = r"""Softmax over the entries that share a segment id (ragged slices).
@@ -218,17 +172,16 @@ segment_log_softmax.__doc__ = r"""Log-softmax over the entries that share a segm
 # --------------------------------------------------------------------------
 
 
-def _logsumexp_parts(seg, x, t, t_entries, mask):
+def _logsumexp_parts(seg, x, t, mask):
     """``(lse, z, s)``: lse and s per row of the segment table, z per entry."""
-    shift = nz.slice_shift(seg, x, t, mask, keepdims=False)
-    z = nz.shifted(x, seg.per_entry(shift), t_entries, mask)
-    s = nz.reduce_sum(jnp.exp(z), seg, keepdims=False)
+    z, shift = nz.logits(seg, x, t, mask, keepdims=False)
+    s = nz.reduce(jnp.exp(z), seg, keepdims=False)
     return nz.log_sum(shift, s, t), z, s
 
 
 @jax.custom_jvp
 def _segment_logsumexp(seg, x, t, mask):
-    return _logsumexp_parts(seg, x, t, _entries(seg, t), mask)[0]
+    return _logsumexp_parts(seg, x, t, mask)[0]
 
 
 @partial(_segment_logsumexp.defjvp, symbolic_zeros=True)
@@ -237,19 +190,21 @@ def _segment_logsumexp_jvp(primals, tangents):
     softmax and H_g its entropy (the derivative of t lse(x / t) in t)."""
     seg, x, t, mask = primals
     dx, dt = nz.tangent_value(tangents[1]), nz.tangent_value(tangents[2])
-    lse, z, s = _logsumexp_parts(seg, x, t, _entries(seg, t), mask)
+    lse, z, s = _logsumexp_parts(seg, x, t, mask)
     out = jnp.zeros_like(lse)
     if dx is not None:
-        probs = nz.probabilities(z, seg.per_entry(s))
-        out = out + nz.reduce_sum(probs * dx, seg, keepdims=False)
+        probs = jnp.exp(z) / seg.per_entry(nz.select(s == 0, 1.0, s))
+        out = out + nz.reduce(probs * dx, seg, keepdims=False)
     if dt is not None:
-        out = out + nz.entropy(z, seg, keepdims=False)[0] * dt
+        norm = nz.normaliser(z, seg, mean_z=True, split=True, keepdims=False)
+        out = out + nz.select(norm.s == 0, 0.0, norm.log_s - norm.mean_z) * dt
     return lse, out
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _logsumexp_jit(num_segments, indices_are_sorted, dtype, layout, x, ids, t, mask):
-    seg, t, _, mask = _segment_arrays(num_segments, indices_are_sorted, x, ids, t, mask, layout)
+@partial(jax.jit, static_argnums=(4, 5))
+def _logsumexp_jit(x, ids, where, t, num_segments, indices_are_sorted):
+    x, dtype, seg, mask, t = _segment_args("segment_logsumexp", x, ids, where, t, num_segments,
+                                           indices_are_sorted)
     return seg.segment_rows(_segment_logsumexp(seg, x, t, mask)).astype(dtype)
 
 
@@ -262,11 +217,8 @@ def segment_logsumexp(
     temperature: ArrayLike = 1.0,
     indices_are_sorted: bool = False,
 ) -> jax.Array:
-    args = _static_and_arrays(
-        "segment_logsumexp", logits, segment_ids, num_segments, where, temperature,
-        indices_are_sorted,
-    )
-    return _logsumexp_jit(*args)
+    args = _host_args("segment_logsumexp", logits, segment_ids, num_segments, where, temperature)
+    return _logsumexp_jit(*args, bool(indices_are_sorted))
 
 
 segment_logsumexp.__doc__ = r"""Log-sum-exp of each segment; with temperature, its smooth max.

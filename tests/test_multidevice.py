@@ -20,13 +20,15 @@ def test_vocab_parallel_on_four_devices(half):
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
 
 
-def test_named_reduction_is_a_distinct_static_argument():
-    """The named axes are a tuple of ints to jnp, but never equal to the plain
-    axes, so jit never reuses an unsharded compilation for a sharded call."""
-    from jsoftmax._normalise import Reduction as _Reduction
+def test_named_axes_are_distinct_in_trees_and_caches():
+    """The axes with a mesh axis name never equal the plain axes, as values
+    or as pytree structures, so no trace or compilation of one serves the other."""
+    import jax
 
-    named = _Reduction((1,), "v")
-    assert tuple(named) == (1,)
-    assert named != (1,) and (1,) != named and not named == (1,)
-    assert named == _Reduction((1,), "v") and named != _Reduction((1,), "w")
-    assert hash(named) == hash(_Reduction((1,), "v")) != hash((1,))
+    from jsoftmax._normalise import Axes
+
+    named = Axes((1,), "v")
+    assert named == Axes((1,), "v") and hash(named) == hash(Axes((1,), "v"))
+    assert named != Axes((1,), "w") and named != Axes((1,)) and named != (1,)
+    assert jax.tree.leaves(named) == []
+    assert jax.tree.structure(named) != jax.tree.structure(Axes((1,)))

@@ -173,7 +173,7 @@ def test_sample_errors():
         sample(key, x, top_k=2.0)
     with pytest.raises(ValueError, match="top_p must be in"):
         sample(key, x, top_p=1.5)
-    with pytest.raises(ValueError, match="top_p of shape"):
+    with pytest.raises(ValueError, match="top_p has shape"):
         sample(key, x, top_p=jnp.ones(3) * 0.5)
     with pytest.raises(ValueError, match="temperature"):
         sample(key, x, temperature=-1.0)
