@@ -18,16 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jsoftmax._checks import (
-    dtype_of,
-    host_array,
-    inexact_dtype,
-    is_traced,
-    mask_spec,
-    shaped_mask,
-    shaped_temperature,
-    weights_spec,
-)
+from jsoftmax._checks import concrete, host_array, inexact_dtype, slice_args
 from jsoftmax._normalise import select
 
 F32 = jnp.float32
@@ -324,13 +315,15 @@ def rows(batch, dtype, h, w, bias):
     return h.reshape(n, w.shape[0]), w, bias
 
 
-def row_options(batch, v, layout, where, t, cap, acc):
+def row_options(name, batch, v, where, t, cap, acc):
     """The mask per row, the temperature (a scalar or an [N, 1] column) and
-    the cap, in the accumulation dtype."""
+    the cap, in the accumulation dtype; ``where`` and ``t`` are checked as
+    the unfused functions check them against the logits (never built: a
+    broadcast that nothing reads)."""
     n = int(np.prod(batch, dtype=np.int64))
-    mask = shaped_mask(where, batch)
-    mask = None if mask is None else mask.reshape(n)
-    t = shaped_temperature(t, layout, (*batch, v), (len(batch),), acc)
+    logits = jnp.broadcast_to(jnp.zeros((), acc), (*batch, v))
+    _, _, _, mask, t = slice_args(name, logits, -1, where, t, "hidden @ weight", batch_where=True)
+    mask = None if mask is None else mask[..., 0].reshape(n)
     if t is not None and t.ndim:
         t = jnp.broadcast_to(t, (*batch, 1)).reshape(n, 1)
     cap = None if cap is None else jnp.asarray(cap).astype(acc)
@@ -362,14 +355,12 @@ def vary(name, axis_name, weights, biases, others):
 
 
 def float_dtype(name, arg, x):
-    """The float dtype ``x`` is computed in, from static information only:
-    jax.nn's rule, as in every other function (an int32 array gives float32,
-    also under x64)."""
-    dtype = dtype_of(name, x, arg)
-    if jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer):
-        return inexact_dtype(dtype)
+    """The float dtype ``x`` is computed in: jax.nn's rule, as in every other
+    function (an int32 array gives float32, also under x64)."""
+    if x.dtype.kind in "iuf" or x.dtype == jnp.bfloat16:
+        return inexact_dtype(x.dtype)
     raise TypeError(
-        f"{name}: {arg} has dtype {dtype}, which is not a real number type; "
+        f"{name}: {arg} has dtype {x.dtype}, which is not a real number type; "
         f"cast it first, e.g. {arg}.astype(jnp.float32)"
     )
 
@@ -395,40 +386,46 @@ def check_linear(name, hidden, weight, hidden_arg="hidden", weight_arg="weight")
 
 
 def check_options(name, batch, where, chunk_size, axis_name, temperature, cap, weights,
-                   reduction):
-    """The checks of the options every fused function takes; returns the
-    mask, the cap and the weights as operands."""
-    mask = None if where is None else host_array(mask_spec(name, where, batch))
+                  reduction):
+    """The concrete checks of the options every fused function takes; returns
+    ``(where, temperature, cap, weights)`` for the jitted call (``where``
+    and ``temperature``'s shapes are checked there)."""
     if chunk_size is not None and (
-        not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool)
+        not isinstance(chunk_size, int | np.integer) or isinstance(chunk_size, bool)
     ):
         raise TypeError(f"{name}: chunk_size must be a positive int or None; got {chunk_size!r}")
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"{name}: chunk_size must be a positive int; got {chunk_size}")
     if axis_name is not None and not isinstance(axis_name, Hashable):
         raise TypeError(f"{name}: axis_name must be a mesh axis name or None; got {axis_name!r}")
-    check_temperature(name, temperature)
+    # The limits t = 0 and t = inf are not supported here.
+    temperature = concrete(name, "temperature", temperature, closed=False, hint=" here",
+                           fix=". For the hard-max (0) or uniform (inf) limits use the "
+                           "unfused function on hidden @ weight")
     if reduction not in REDUCTIONS:
         raise ValueError(
             f"{name}: reduction must be one of {', '.join(map(repr, REDUCTIONS))}; "
             f"got {reduction!r}"
         )
-    return mask, check_soft_cap(name, cap), weights_spec(name, weights, batch)
-
-
-def check_temperature(name, temperature):
-    """A temperature must be finite and > 0 (the limits t = 0 and t = inf are
-    not supported): a Python or NumPy one that is not raises; one in a JAX
-    array is never read back and gives NaN."""
-    if is_traced(temperature) or isinstance(temperature, jax.Array):
-        return
-    values = np.asarray(temperature, dtype=np.float64).ravel()
-    bad = values[~((values > 0) & (values < np.inf))]
-    if bad.size:
-        raise ValueError(
-            f"{name}: temperature must be finite and > 0 here; got {float(bad[0])!r}. For the "
-            "hard-max (0) or uniform (inf) limits use the unfused function on hidden @ weight"
-        )
+    if cap is not None and np.ndim(cap) != 0:
+        raise ValueError(f"{name}: logit_soft_cap must be a scalar; got shape {np.shape(cap)}")
+    if cap is not None and not isinstance(cap, jax.Array):
+        cap = concrete(name, "logit_soft_cap", cap,
+                       hint=" (Gemma 2 uses 30.0), or None or 0 for no capping")
+        cap = None if float(cap) in (0.0, np.inf) else cap  # no capping
+    if weights is not None:
+        weights = host_array(weights)
+        if not np.issubdtype(weights.dtype, np.number) or weights.dtype.kind == "c":
+            raise TypeError(f"{name}: weights has dtype {weights.dtype}, which is not a real "
+                            "number type; cast it first, e.g. weights.astype(jnp.float32)")
+        try:
+            fits = np.broadcast_shapes(weights.shape, batch) == batch
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{name}: weights has shape {weights.shape}, which does not broadcast "
+                             f"to the examples' shape {batch}; give one weight per example")
+    return host_array(where), temperature, cap, weights
 
 
 def check_bias(name, bias, w_shape, arg="bias", weight_arg="weight"):
@@ -444,26 +441,3 @@ def check_bias(name, bias, w_shape, arg="bias", weight_arg="weight"):
             f"this shard's slice, sharded like {weight_arg}'s columns)"
         )
     return b, b_dtype
-
-
-def check_soft_cap(name, cap):
-    """The soft cap as an operand, or None when it is off (None, 0 or inf).
-
-    A Python or NumPy value must be >= 0; one in a JAX array, traced or not,
-    is never read back, and a negative or NaN one gives NaN.
-    """
-    if cap is None:
-        return None
-    if np.ndim(cap) != 0:
-        raise ValueError(
-            f"{name}: logit_soft_cap must be a scalar; got shape {np.shape(cap)}"
-        )
-    if is_traced(cap) or isinstance(cap, jax.Array):
-        return cap
-    c = float(cap) if isinstance(cap, (int, float)) else float(np.asarray(cap))
-    if not c >= 0:
-        raise ValueError(
-            f"{name}: logit_soft_cap must be > 0 (Gemma 2 uses 30.0), or None or 0 for no "
-            f"capping; got {c!r}"
-        )
-    return None if c in (0.0, np.inf) else host_array(cap)

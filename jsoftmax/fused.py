@@ -34,12 +34,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from jsoftmax import _vocab as vc
-from jsoftmax._checks import (
-    host_array,
-    is_traced,
-    temperature_spec,
-    widen_labels,
-)
+from jsoftmax._checks import concrete, host_array, widen_labels
 from jsoftmax._normalise import select
 from jsoftmax._xla_cpu import per_chunk
 from jsoftmax.core import AxisName
@@ -391,9 +386,9 @@ class FusedStats(NamedTuple):
     argmax: jax.Array
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
 def _fused_jit(
-    chunk, axis_name, batch, dtype, layout, reduction, stats,
+    chunk, axis_name, batch, dtype, reduction, stats,
     h, w, bias, labels, where, t, cap, alpha, zeta, weights,
 ):
     """Everything a call does on the device, in one computation: the casts
@@ -404,7 +399,7 @@ def _fused_jit(
     n = h2.shape[0]
     # Widened, never narrowed: an int64 label must not wrap into range.
     lab = widen_labels(jnp.asarray(labels)).reshape(n)
-    mask, t, cap = vc.row_options(batch, w.shape[1], layout, where, t, cap, acc)
+    mask, t, cap = vc.row_options(_NAME, batch, w.shape[1], where, t, cap, acc)
     alpha, zeta = jnp.asarray(alpha).astype(acc), jnp.asarray(zeta).astype(acc)
     (w,), (bias,), (h2, lab, t, cap, mask, alpha, zeta) = vc.vary(
         _NAME, axis_name, {"weight": w}, (bias,), (h2, lab, t, cap, mask, alpha, zeta)
@@ -419,19 +414,6 @@ def _fused_jit(
         return loss
     lse, ent, argmax = (x.reshape(batch) for x in out[1:])
     return loss, FusedStats(lse.astype(dtype), ent.astype(dtype), argmax)
-
-
-def _check_option(arg, value, low, high, hint):
-    """A non-negative (or [0, 1]) scalar option; traced values pass
-    unchecked, and the jitted call converts it."""
-    if np.ndim(value) != 0:
-        raise ValueError(f"{_NAME}: {arg} must be a scalar; got shape {np.shape(value)}")
-    if not is_traced(value):
-        # A Python number is read without NumPy; an array (rare here) is read back.
-        v = float(value) if isinstance(value, (int, float)) else float(np.asarray(value))
-        if not (low <= v <= high):
-            raise ValueError(f"{_NAME}: {arg} must be in [{low}, {high}] ({hint}); got {v!r}")
-    return host_array(value)
 
 
 def fused_linear_cross_entropy(
@@ -578,21 +560,24 @@ def fused_linear_cross_entropy(
             f"{_NAME}: labels has shape {tuple(lab.shape)} but hidden {tuple(h.shape)} has "
             f"batch shape {batch}; give one label per row of hidden"
         )
-    mask, cap, weights = vc.check_options(
+    mask, t, cap, weights = vc.check_options(
         _NAME, batch, where, chunk_size, axis_name, temperature, logit_soft_cap, weights,
         reduction,
     )
-    alpha = _check_option("label_smoothing", label_smoothing, 0.0, 1.0, "0 = no smoothing")
-    zeta = _check_option("z_loss", z_loss, 0.0, np.inf, "0 = no z-loss; PaLM uses 1e-4")
+    for arg, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
+        if np.ndim(value) != 0:
+            raise ValueError(f"{_NAME}: {arg} must be a scalar; got shape {np.shape(value)}")
+    alpha = concrete(_NAME, "label_smoothing", label_smoothing, 0.0, 1.0,
+                     hint=" (0 = no smoothing)")
+    zeta = concrete(_NAME, "z_loss", z_loss, hint=" (0 = no z-loss; PaLM uses 1e-4)")
     b, b_dtype = vc.check_bias(_NAME, bias, w.shape)
     if not isinstance(return_stats, (bool, np.bool_)):
         raise TypeError(f"{_NAME}: return_stats must be True or False; got {return_stats!r}")
     dtype = jnp.dtype(jnp.result_type(*dtypes, *([b_dtype] if b is not None else [])))
     v = w.shape[1]
-    t, layout = temperature_spec(_NAME, temperature, (*batch, v), (len(batch),))
     n = int(np.prod(batch, dtype=np.int64))
     chunk = vc.default_chunk_size(n, v) if chunk_size is None else int(min(chunk_size, v))
     return _fused_jit(
-        chunk, axis_name, batch, dtype, layout, reduction, bool(return_stats),
+        chunk, axis_name, batch, dtype, reduction, bool(return_stats),
         h, w, b, lab, mask, t, cap, alpha, zeta, weights,
     )

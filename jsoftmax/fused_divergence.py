@@ -27,7 +27,6 @@ from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 from jsoftmax import _vocab as vc
-from jsoftmax._checks import temperature_spec
 from jsoftmax._normalise import select
 from jsoftmax._xla_cpu import per_chunk, sums
 from jsoftmax.core import AxisName
@@ -215,9 +214,9 @@ _fused_kl.defvjp(_fused_kl_fwd, _fused_kl_bwd, symbolic_zeros=True)
 # --------------------------------------------------------------------------
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _fused_kl_jit(
-    chunk, axis_name, batch, dtype, layout, reduction,
+    chunk, axis_name, batch, dtype, reduction,
     h, w, bias, ht, wt, bt, where, t, cap, weights,
 ):
     """The casts and reshapes to [N, D] rows, the divergence, its weights and
@@ -225,7 +224,7 @@ def _fused_kl_jit(
     acc = vc.acc_dtype(dtype)
     h, w, bias = vc.rows(batch, dtype, h, w, bias)
     ht, wt, bt = vc.rows(batch, dtype, ht, wt, bt)
-    mask, t, cap = vc.row_options(batch, w.shape[1], layout, where, t, cap, acc)
+    mask, t, cap = vc.row_options(_NAME, batch, w.shape[1], where, t, cap, acc)
     (w, wt), (bias, bt), (h, ht, t, cap, mask) = vc.vary(
         _NAME, axis_name, {"weight": w, "teacher_weight": wt}, (bias, bt), (h, ht, t, cap, mask)
     )
@@ -348,7 +347,7 @@ def fused_linear_kl_divergence(
             f"{_NAME}: teacher_weight has {wt.shape[1]} vocabulary columns but weight "
             f"{w.shape[1]}; the teacher and the student must share the vocabulary"
         )
-    mask, cap, weights = vc.check_options(
+    mask, t, cap, weights = vc.check_options(
         _NAME, batch, where, chunk_size, axis_name, temperature, logit_soft_cap, weights,
         reduction,
     )
@@ -357,10 +356,9 @@ def fused_linear_kl_divergence(
     biases = [x for x, y in ((b_dtype, b), (bt_dtype, bt)) if y is not None]
     dtype = jnp.dtype(jnp.result_type(*dtypes, *t_dtypes, *biases))
     v = w.shape[1]
-    t, layout = temperature_spec(_NAME, temperature, (*batch, v), (len(batch),))
     n = int(np.prod(batch, dtype=np.int64))
     chunk = vc.default_chunk_size(n, v) if chunk_size is None else int(min(chunk_size, v))
     return _fused_kl_jit(
-        chunk, axis_name, batch, dtype, layout, reduction,
+        chunk, axis_name, batch, dtype, reduction,
         h, w, b, ht, wt, bt, mask, t, cap, weights,
     )

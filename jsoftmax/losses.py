@@ -29,6 +29,7 @@ from jsoftmax import _normalise as nz
 from jsoftmax._checks import (
     Axis,
     compute_dtype,
+    concrete,
     host_args,
     inexact_dtype,
     promoted_dtype,
@@ -43,8 +44,9 @@ __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
 def _host_args(name, logits, labels, where, temperature, label_smoothing, label_kind):
     """The concrete checks of both losses: ``(x, labels, where, t, alpha)``."""
     x, where, t = host_args(name, logits, where, temperature, "logits")
-    labels, _, alpha = host_args(name, labels, None, label_smoothing, "labels", high=1.0,
-                                 neutral=0.0, what="label_smoothing")
+    labels = host_args(name, labels, arg="labels")[0]
+    alpha = concrete(name, "label_smoothing", label_smoothing, 0.0, 1.0, neutral=0.0,
+                     hint=" (0 is no smoothing)")
     if labels.dtype.kind not in label_kind:
         raise TypeError(
             f"{name}: labels must be integer class indices; got dtype {labels.dtype}. Cast them "

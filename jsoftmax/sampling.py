@@ -16,7 +16,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jsoftmax import _normalise as nz
-from jsoftmax._checks import Axis, classes_last, host_args, is_traced, slice_args
+from jsoftmax._checks import Axis, classes_last, concrete, host_args, is_traced, slice_args
 from jsoftmax.core import log_softmax, softmax
 
 __all__ = ["gumbel_softmax", "sample"]
@@ -148,8 +148,7 @@ def sample(
     name = "sample"
     x, where, t = host_args(name, logits, where, temperature, "logits")
     if top_p is not None:
-        top_p = host_args(name, x, None, top_p, "logits", high=1.0, neutral=np.nan,
-                          what="top_p")[2]
+        top_p = concrete(name, "top_p", top_p, 0.0, 1.0, hint=" (1 keeps all)")
     if top_k is not None:
         if is_traced(top_k) or isinstance(top_k, bool) or not isinstance(top_k, int | np.integer):
             raise TypeError(f"{name}: top_k must be a Python int (static); got {top_k!r}")

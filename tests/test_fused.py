@@ -584,7 +584,7 @@ def test_check_grads_options_float64(x64, reduction, capped):
         ({"bias": np.zeros(V + 1)}, ValueError, "one bias per vocabulary column"),
         ({"bias": np.zeros((1, V))}, ValueError, "one bias per vocabulary column"),
         ({"bias": np.zeros(V, np.complex64)}, TypeError, "real number"),
-        ({"logit_soft_cap": -1.0}, ValueError, "logit_soft_cap must be > 0"),
+        ({"logit_soft_cap": -1.0}, ValueError, "logit_soft_cap must be >= 0"),
         ({"logit_soft_cap": np.nan}, ValueError, "None or 0 for no capping"),
         ({"logit_soft_cap": np.array(-30.0)}, ValueError, "Gemma 2 uses 30"),
         ({"logit_soft_cap": np.ones(2)}, ValueError, "scalar"),
