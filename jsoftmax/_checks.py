@@ -19,9 +19,6 @@ from jax.typing import ArrayLike
 
 Axis = int | Sequence[int] | None
 
-_LOW_PRECISION = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
-
-
 def host_args(name: str, x: ArrayLike, where=None, temperature=1.0, arg: str = "x"):
     """``(x, where, t)`` for a jitted implementation: array-likes as NumPy
     arrays, a Python or NumPy ``temperature`` checked (:func:`concrete`; None
@@ -105,6 +102,12 @@ def slice_args(name: str, x: jax.Array, axis: Axis, where, t, arg: str = "x",
     return x.astype(dtype), dtype, axes, mask, t
 
 
+def broadcasts_to(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
+    """True when an array of shape ``src`` broadcasts to shape ``dst``."""
+    return len(src) <= len(dst) and all(a in (1, b) for a, b in zip(src[::-1], dst[::-1],
+                                                                    strict=False))
+
+
 def is_traced(value: object) -> bool:
     """True when ``value`` is a JAX tracer (its value is unknown until run time)."""
     return isinstance(value, jax.core.Tracer)
@@ -112,7 +115,7 @@ def is_traced(value: object) -> bool:
 
 def compute_dtype(dtype) -> jnp.dtype:
     """The dtype we compute in: float32 for float16 and bfloat16."""
-    return jnp.dtype(jnp.float32) if dtype in _LOW_PRECISION else jnp.dtype(dtype)
+    return jnp.promote_types(dtype, jnp.float32) if jnp.issubdtype(dtype, jnp.floating) else dtype
 
 
 def widen_labels(labels: jax.Array) -> jax.Array:

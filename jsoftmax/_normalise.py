@@ -74,38 +74,27 @@ class Axes:
     axis_name: AxisName | None = None
 
 
-@jax.tree_util.register_pytree_node_class
+@partial(jax.tree_util.register_dataclass, data_fields=["rows"],
+         meta_fields=["num_segments", "indices_are_sorted"])
+@dataclasses.dataclass(frozen=True)
 class Segments:
-    """Ragged slices: the entries (axis 0) that share a segment id.
+    """Ragged slices: the entries (axis 0) that share a segment id; trailing
+    axes are independent slices. The ids are rows of a table of
+    ``num_segments + 2``, shifted by one and clipped (sorted ids stay
+    sorted): rows 0 and -1 collect the ids out of range, in no segment
+    (:meth:`members`). A reduction with ``keepdims`` gives each entry its
+    row's total, so every function here works per segment unchanged;
+    without, the table (:meth:`segment_rows` drops the two extra rows)."""
 
-    Trailing axes are independent slices, as batch axes are. The ids are
-    stored shifted by one and clipped, as rows of a table of
-    ``num_segments + 2``: row 0 collects the entries with a negative id and
-    the last row those with an id >= num_segments (an order-preserving map,
-    so sorted ids stay sorted). Those entries belong to no segment: the
-    caller excludes them (:meth:`members`). A reduction with ``keepdims``
-    gives each entry its row's total, so every function of this module works
-    per segment unchanged; without, it gives the table (:meth:`segment_rows`
-    drops the two extra rows).
-    """
-
-    def __init__(self, rows: jax.Array, num_segments: int, indices_are_sorted: bool = False):
-        self.rows = rows
-        self.num_segments = num_segments
-        self.indices_are_sorted = indices_are_sorted
+    rows: jax.Array
+    num_segments: int
+    indices_are_sorted: bool = False
 
     @classmethod
     def from_ids(cls, ids: jax.Array, num_segments: int, indices_are_sorted: bool = False):
         ids = widen_labels(ids)  # ids + 1 must not wrap around
         rows = select(ids < 0, 0, select(ids >= num_segments, num_segments + 1, ids + 1))
         return cls(rows, num_segments, indices_are_sorted)
-
-    def tree_flatten(self):
-        return (self.rows,), (self.num_segments, self.indices_are_sorted)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(children[0], *aux)
 
     def members(self, ndim: int) -> jax.Array:
         """True for the entries that belong to a segment, shaped to broadcast
@@ -205,15 +194,15 @@ def logits(slices, x: jax.Array, t=None, mask=None, shift=None, keepdims: bool =
 
 class Normaliser(NamedTuple):
     """Per slice (keepdims): s = sum(exp(z)) (0 with nothing included, +inf
-    for a +inf max, NaN for a NaN), ``log_s`` = log s (0 with nothing
-    included), ``q`` = 1 - 1/s to full accuracy (split sums only, else
-    None), ``mean_z`` = sum(p z) over the included entries with p = exp(z) / s
-    (0 with nothing included) when asked for, and ``sums``: the sum of each
-    further array asked for."""
+    for a +inf max, NaN for a NaN); ``log_s`` = log s (0 with nothing
+    included); ``below`` = 1 - 1/s, the share of s below the maxima, to full
+    accuracy (split sums only, else None); ``mean_z`` = sum(p z) over the
+    included entries, p = exp(z) / s (0 with nothing included), when asked
+    for; ``sums``, the sum of each further array asked for."""
 
     s: jax.Array
     log_s: jax.Array
-    q: jax.Array | None
+    below: jax.Array | None
     mean_z: jax.Array | None = None
     sums: tuple[jax.Array, ...] = ()
 
@@ -225,19 +214,19 @@ def normaliser(z, slices, mean_z=False, sums=(), split=None, keepdims=True) -> N
     # A product with 0 at z = -inf, not a select after it (its cotangent would meet 0 * -inf).
     terms = ((e * select(z == -INF, 0.0, z),) if mean_z else ()) + tuple(sums)
     if split or (split is None and z.dtype == jnp.float64):
-        s, log_s, q, terms = _split(z, e, slices, terms, keepdims)
+        s, log_s, below, terms = _split(z, e, slices, terms, keepdims)
     else:
         s, *terms = reduce((e, *terms), slices, keepdims=keepdims) if terms else (
             reduce(e, slices, keepdims=keepdims),)
-        log_s, q = jnp.log(select(s == 0, 1.0, s)), None
+        log_s, below = jnp.log(select(s == 0, 1.0, s)), None
     mean = terms[0] / select(s == 0, 1.0, s) if mean_z else None
-    return Normaliser(s, log_s, q, mean, tuple(terms[1:] if mean_z else terms))
+    return Normaliser(s, log_s, below, mean, tuple(terms[1:] if mean_z else terms))
 
 
 def _split(z, e, slices, terms, keepdims):
-    """``(s, log s, q, sums of terms)`` with the maxima (z = 0, exactly 1 each)
+    """``(s, log s, below, sums of terms)`` with the maxima (z = 0, exactly 1 each)
     summed apart: with k of them and ``below`` the rest, log s = log k +
-    log1p(below / k) and q = below / s keep ``below`` where it is under an ulp
+    log1p(below / k) and 1 - 1/s = below / s keep ``below`` where it is under an ulp
     of s, and with it the top entry of log_softmax, its gradient 1 -
     softmax_max (jax-ml/jax#40384) and the entropy of a confident slice."""
     at_top = z == 0
@@ -246,7 +235,7 @@ def _split(z, e, slices, terms, keepdims):
     top, below, *terms = reduce((*split_e, *terms), slices, keepdims=keepdims)
     s, safe_top = top + below, select(top == 0, 1.0, top)
     log_s = select(top == 0, 0.0, jnp.log(safe_top) + jnp.log1p(below / safe_top))
-    # q = (s - k) / s: below / s in value, and top - k (exactly 0) carries dq's top part.
+    # (s - k) / s: below / s in value, and top - k (exactly 0) carries the top's derivative.
     return s, log_s, (below + (top - lax.stop_gradient(top))) / select(s == 0, 1.0, s), terms
 
 
@@ -265,15 +254,10 @@ def log_sum(shift: jax.Array, s: jax.Array, t: jax.Array | None) -> jax.Array:
 
 
 def untempered_log_sum(slices, x: jax.Array, mask=None) -> tuple[jax.Array, jax.Array]:
-    """``(logsumexp, sign)`` keepdims at t = 1 without weights, from x itself.
-
-    The value needs none of the per-entry limits of :func:`logits`. On a
-    slice whose max is +inf it is +inf, or NaN with a NaN in the slice:
-    shifting that slice by 0 instead of its max gives exactly that from the
-    sum itself (exp(+inf) = +inf; a NaN stays), as jax.nn.logsumexp does.
-    Equal to :func:`log_sum` over :func:`logits` on every input, with the
-    logits never stored.
-    """
+    """``(logsumexp, sign)`` keepdims at t = 1 without weights, from x itself:
+    :func:`log_sum` over :func:`logits` on every input, as jax.nn.logsumexp
+    computes it (a slice whose max is +inf, shifted by 0, sums to +inf, or
+    NaN with a NaN), with no per-entry limit and no stored logits."""
     if mask is not None:
         x = select(mask, x, -INF)
     m = reduce(lax.stop_gradient(x), slices, "max").astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -311,30 +295,30 @@ def tangent_logits(z, t, dx, dt):
 
 
 @jax.custom_jvp
-def softmax(axes, x: jax.Array, t=None, mask=None) -> jax.Array:
-    """exp(z) / s over the slices of ``axes``: 0 on excluded entries, and on
+def softmax(slices, x: jax.Array, t=None, mask=None) -> jax.Array:
+    """exp(z) / s over each slice: 0 on excluded entries, and on
     every entry of a slice with nothing included."""
-    e = jnp.exp(logits(axes, x, t, mask)[0])
-    s = reduce(e, axes)
+    e = jnp.exp(logits(slices, x, t, mask)[0])
+    s = reduce(e, slices)
     return e / select(s == 0, 1.0, s)
 
 
 @partial(softmax.defjvp, symbolic_zeros=True)
 def _softmax_jvp(primals, tangents):
     # d softmax = p (dz - sum(p dz)), dz = (dx - z dt) / t.
-    axes, x, t, mask = primals
-    probs = softmax(axes, x, t, mask)
-    dz = tangent_logits(logits(axes, x, t, mask)[0], t, tangents[1], tangents[2])
+    slices, x, t, mask = primals
+    probs = softmax(slices, x, t, mask)
+    dz = tangent_logits(logits(slices, x, t, mask)[0], t, tangents[1], tangents[2])
     if dz is None:
         return probs, jnp.zeros_like(probs)
-    return probs, probs * (dz - reduce(probs * dz, axes))
+    return probs, probs * (dz - reduce(probs * dz, slices))
 
 
 @jax.custom_jvp
-def log_softmax(axes, x: jax.Array, t=None, mask=None) -> jax.Array:
-    """z - log s over the slices of ``axes``, -inf on excluded entries."""
-    z, _ = logits(axes, x, t, mask)
-    log_s = normaliser(z, axes).log_s
+def log_softmax(slices, x: jax.Array, t=None, mask=None) -> jax.Array:
+    """z - log s over each slice, -inf on excluded entries."""
+    z, _ = logits(slices, x, t, mask)
+    log_s = normaliser(z, slices).log_s
     # -inf on excluded entries, with no derivative; a NaN log s still gives NaN.
     return select(z == -INF, -INF - lax.stop_gradient(log_s), z - log_s)
 
@@ -343,26 +327,26 @@ def log_softmax(axes, x: jax.Array, t=None, mask=None) -> jax.Array:
 def _log_softmax_jvp(primals, tangents):
     """d log_softmax = dz - sum(softmax dz), 0 on excluded entries.
 
-    Where the normaliser carries q = 1 - 1/s (float64), sum(softmax dz) =
-    sum(e dz) - sum(q e dz) with e = exp(z), 1 at the maxima: reverse mode
-    forms (g - e G) + q e G, so 1 - softmax_max survives below an ulp of 1
+    Where the normaliser carries b = 1 - 1/s (float64), sum(softmax dz) =
+    sum(e dz) - sum(b e dz) with e = exp(z), 1 at the maxima: reverse mode
+    forms (g - e G) + b e G, so 1 - softmax_max survives below an ulp of 1
     (jax-ml/jax#40384).
     """
-    axes, x, t, mask = primals
-    z, _ = logits(axes, x, t, mask)
-    norm = normaliser(z, axes)
+    slices, x, t, mask = primals
+    z, _ = logits(slices, x, t, mask)
+    norm = normaliser(z, slices)
     out = select(z == -INF, -INF - lax.stop_gradient(norm.log_s), z - norm.log_s)
     dz = tangent_logits(z, t, tangents[1], tangents[2])
     if dz is None:
         return out, jnp.zeros_like(out)
-    if norm.q is None:  # checkpointed: reverse mode keeps only ``out``
-        return out, jax.checkpoint(_log_softmax_tangent)(axes, out, dz)
+    if norm.below is None:  # checkpointed: reverse mode keeps only ``out``
+        return out, jax.checkpoint(_log_softmax_tangent)(slices, out, dz)
     e = jnp.exp(z)
-    small = reduce((norm.q * e) * dz, axes)  # first: its cotangent is added last
-    tangent = (dz - reduce(e * dz, axes)) + small
+    small = reduce((norm.below * e) * dz, slices)  # first: its cotangent is added last
+    tangent = (dz - reduce(e * dz, slices)) + small
     # A select, not a product: an excluded entry's cotangent may be -inf.
     return out, select(out == -INF, 0.0, tangent)
 
 
-def _log_softmax_tangent(axes, out, dz):
-    return select(out == -INF, 0.0, dz - reduce(jnp.exp(out) * dz, axes))
+def _log_softmax_tangent(slices, out, dz):
+    return select(out == -INF, 0.0, dz - reduce(jnp.exp(out) * dz, slices))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jsoftmax._checks import concrete, host_array, inexact_dtype, slice_args
+from jsoftmax._checks import broadcasts_to, concrete, host_array, inexact_dtype, slice_args
 from jsoftmax._normalise import select
 
 F32 = jnp.float32
@@ -78,6 +78,26 @@ def transposed_once(a):
 
 def axis_names(axis_name):
     return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def shard_offset(axis_name, v_local):
+    """The global index of this shard's first vocabulary column (0 unsharded)."""
+    return 0 if axis_name is None else lax.axis_index(axis_name) * v_local
+
+
+def vocab_size(axis_name, v_local):
+    return v_local if axis_name is None else v_local * lax.axis_size(axis_name)
+
+
+def label_index(axis_name, v_local, labels):
+    """``(local, here, valid)``: global labels as indices into this shard's
+    columns, whether this shard holds them, and whether they are in range."""
+    if axis_name is None:
+        valid = (labels >= 0) & (labels < v_local)
+        return labels, valid, valid
+    local = labels - lax.axis_index(axis_name) * v_local
+    valid = (labels >= 0) & (labels < v_local * lax.axis_size(axis_name))
+    return local, (local >= 0) & (local < v_local), valid
 
 
 def psum(x, axis_name):
@@ -418,11 +438,7 @@ def check_options(name, batch, where, chunk_size, axis_name, temperature, cap, w
         if not np.issubdtype(weights.dtype, np.number) or weights.dtype.kind == "c":
             raise TypeError(f"{name}: weights has dtype {weights.dtype}, which is not a real "
                             "number type; cast it first, e.g. weights.astype(jnp.float32)")
-        try:
-            fits = np.broadcast_shapes(weights.shape, batch) == batch
-        except ValueError:
-            fits = False
-        if not fits:
+        if not broadcasts_to(weights.shape, batch):
             raise ValueError(f"{name}: weights has shape {weights.shape}, which does not broadcast "
                              f"to the examples' shape {batch}; give one weight per example")
     return host_array(where), temperature, cap, weights

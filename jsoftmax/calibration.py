@@ -36,38 +36,27 @@ _LOG_T_RANGE = (-5.0, 5.0)
 _BISECTIONS = 40
 
 
-def _check_classification(
-    name: str, scores: ArrayLike, labels: ArrayLike, what: str
-) -> tuple[ArrayLike, ArrayLike, jnp.dtype]:
-    """Validates ``scores`` of shape (N, K) and integer ``labels`` of shape
-    (N,) from static information: ``(scores, labels, dtype)`` for the jitted
-    call, which casts ``scores`` to ``dtype``."""
+def _check_classification(name: str, scores: ArrayLike, labels: ArrayLike, what: str):
+    """``(scores, labels, dtype)`` for the jitted call, which casts ``scores``
+    to ``dtype``: scores of shape (N, K) and integer labels of shape (N,)."""
     arr, lab, _ = host_args(name, scores, labels, arg=what)
     if arr.dtype.kind in "bc":
         raise TypeError(f"{name}: {what} has dtype {arr.dtype}, which is not a real number "
                         f"type; cast it first, e.g. {what}.astype(jnp.float32)")
-    dtype = inexact_dtype(arr.dtype)
     if arr.ndim != 2:
-        raise ValueError(
-            f"{name}: {what} must have shape (examples, classes); got shape {tuple(arr.shape)}"
-        )
+        raise ValueError(f"{name}: {what} must have shape (examples, classes); got shape "
+                         f"{tuple(arr.shape)}")
     if what == "probs" and arr.shape[1] == 0:
-        raise ValueError(
-            f"{name}: probs has no classes (shape {tuple(arr.shape)}), so no example has a "
-            "top class to bin; give probabilities of shape (examples, classes) with at least "
-            "one class"
-        )
+        raise ValueError(f"{name}: probs has no classes (shape {tuple(arr.shape)}), so no "
+                         "example has a top class to bin; give probabilities of shape "
+                         "(examples, classes) with at least one class")
     if not jnp.issubdtype(lab.dtype, jnp.integer):
-        raise TypeError(
-            f"{name}: labels must be integer class indices; got dtype {lab.dtype} "
-            "(use labels.astype(jnp.int32), or argmax of one-hot labels)"
-        )
+        raise TypeError(f"{name}: labels must be integer class indices; got dtype {lab.dtype} "
+                        "(use labels.astype(jnp.int32), or argmax of one-hot labels)")
     if tuple(lab.shape) != tuple(arr.shape[:1]):
-        raise ValueError(
-            f"{name}: labels must have shape ({arr.shape[0]},), one per row of {what}; "
-            f"got shape {tuple(lab.shape)}"
-        )
-    return arr, lab, dtype
+        raise ValueError(f"{name}: labels must have shape ({arr.shape[0]},), one per row of "
+                         f"{what}; got shape {tuple(lab.shape)}")
+    return arr, lab, inexact_dtype(arr.dtype)
 
 
 def _check_num_bins(name: str, num_bins: int) -> int:

@@ -177,17 +177,25 @@ def logsumexp(
       >>> jsoftmax.logsumexp(jnp.array([1.0, 3.0, 2.0]), temperature=0.0)
       Array(3., dtype=float32)
     """
-    if _is_complex(a) or _is_complex(b):
+    if jnp.iscomplexobj(a) or jnp.iscomplexobj(b):
         return _complex_logsumexp(a, axis, b, keepdims, return_sign, where, temperature, axis_name)
     a, where, t = host_args("logsumexp", a, where, temperature, "a")
-    if b is not None:
-        a, b = _broadcast_weights(a, b)
+    # A Python number stays one: it is weakly typed in the result dtype.
+    b = b if isinstance(b, jax.Array | np.ndarray | int | float | None) else np.asarray(b)
     return _logsumexp_jit(a, where, t, b, axis, axis_name, keepdims, return_sign)
 
 
 @partial(jax.jit, static_argnums=(4, 5, 6, 7))
 def _logsumexp_jit(x, where, t, b, axis, axis_name, keepdims, return_sign):
     promoted = None if b is None else promoted_dtype(x, b)
+    if b is not None:  # a and b broadcast against each other, as in jax.nn
+        try:
+            shape = np.broadcast_shapes(jnp.shape(x), jnp.shape(b))
+        except ValueError as err:
+            raise ValueError(f"logsumexp: b has shape {jnp.shape(b)}, which does not broadcast "
+                             f"against a's shape {x.shape}; give weights that broadcast with a"
+                             ) from err
+        x, b = jnp.broadcast_to(x, shape), jnp.broadcast_to(b, shape)
     x, dtype, axes, mask, t = slice_args("logsumexp", x, axis, where, t, "a")
     if b is not None:
         if not jnp.issubdtype(promoted, jnp.floating):
@@ -267,28 +275,6 @@ def _logsumexp_jvp(axes, primals, tangents):
         w_all = jnp.exp(diff if mask is None else nz.select(mask, diff, -INF))
         out = out + (1.0 if t is None else t) * nz.reduce(w_all * db, axes) / safe_s
     return (lse, sign), (out, jnp.zeros_like(sign))
-
-
-def _is_complex(v) -> bool:
-    return v is not None and jnp.iscomplexobj(v)
-
-
-def _broadcast_weights(a, b):
-    """``a`` and ``b`` broadcast against each other, as jax.nn.logsumexp does."""
-    # A Python number stays one: it is weakly typed in the result dtype.
-    b = b if isinstance(b, jax.Array | np.ndarray | int | float) else np.asarray(b)
-    try:
-        shape = np.broadcast_shapes(np.shape(a), np.shape(b))
-    except ValueError as err:
-        raise ValueError(
-            f"logsumexp: b has shape {np.shape(b)}, which does not broadcast against a's "
-            f"shape {np.shape(a)}; give weights that broadcast with a"
-        ) from err
-    if np.shape(a) != shape:
-        a = jnp.broadcast_to(a, shape)
-    if np.shape(b) != shape:
-        b = jnp.broadcast_to(b, shape)
-    return a, b
 
 
 def _complex_logsumexp(a, axis, b, keepdims, return_sign, where, temperature, axis_name):

@@ -44,22 +44,7 @@ __all__ = ["FusedStats", "fused_linear_cross_entropy"]
 _NAME = "fused_linear_cross_entropy"
 
 
-def _shard_offset(axis_name, v_local):
-    """Global index of this shard's first vocabulary column (0 unsharded)."""
-    if axis_name is None:
-        return 0
-    return lax.axis_index(axis_name) * v_local
-
-
-def _vocab_size(axis_name, v_local):
-    if axis_name is None:
-        return v_local
-    return v_local * lax.axis_size(axis_name)
-
-
-# --------------------------------------------------------------------------
 # The forward pass: online logsumexp over vocabulary chunks.
-# --------------------------------------------------------------------------
 
 
 def _moved_moment(u, s, m, shift, decay):
@@ -133,7 +118,7 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask, stats=False
     n = h.shape[0]
     v_local = w.shape[1]
     acc = vc.acc_dtype(h.dtype)
-    offset = _shard_offset(axis_name, v_local)
+    offset = vc.shard_offset(axis_name, v_local)
     if mask is not None:
         # Masked rows compute on zeros, so a NaN there cannot leak anywhere.
         h = select(mask[:, None], h, jnp.zeros((), h.dtype))
@@ -187,7 +172,7 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask, stats=False
         rest = lax.psum(rest * decay, axis_name)
         if stats:
             u, best = extra
-            local = (labels >= offset) & (labels < offset + v_local)
+            local = vc.label_index(axis_name, v_local, labels)[1]
             s = _with_label(rest_local, y_label, select(jnp.isfinite(m), m, 0.0), local)
             u = lax.psum(_moved_moment(u, s, m, shift, decay), axis_name)
             # The lowest global index among the shards that hold the maximum.
@@ -198,7 +183,7 @@ def _forward(chunk, axis_name, h, w, bias, labels, inv_t, cap, mask, stats=False
 
     # The label's logit (0 if out of range, from the one shard that has it).
     y_label = vc.psum(y_label, axis_name)
-    valid = (labels >= 0) & (labels < _vocab_size(axis_name, v_local))
+    valid = vc.label_index(axis_name, v_local, labels)[2]
 
     # lse - y_label = log(rest * exp(m - y_label) + 1). m - y_label is 0 when
     # the label is the maximum (both are the same chunk logit); when it is
@@ -257,14 +242,7 @@ def _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab):
     return loss
 
 
-# --------------------------------------------------------------------------
-# The backward pass's steps, shared with the fused divergence.
-# --------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------
 # The custom derivative.
-# --------------------------------------------------------------------------
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -278,7 +256,7 @@ def _fused_fwd(chunk, axis_name, stats, h, w, bias, labels, t, cap, mask, alpha,
     lse, gap, y_label, y_sum, valid, extra = _forward(
         chunk, axis_name, h, w, bias, labels, vc.inverse(t), cap, mask, stats
     )
-    vocab = _vocab_size(axis_name, w.shape[1])
+    vocab = vc.vocab_size(axis_name, w.shape[1])
     loss = _combine(lse, gap, y_label, y_sum, valid, mask, alpha, z_loss, vocab)
     ok = vc.valid_options(t, cap)
     if ok is not None:
@@ -306,8 +284,8 @@ def _fused_bwd(chunk, axis_name, stats, residuals, cotangent):
     h, w, bias, labels, t, cap, mask, alpha, z_loss, lse, y_label, y_sum, valid, ent = residuals
     vc.check_vma(_NAME, axis_name, w)
     v_local = w.shape[1]
-    vocab = _vocab_size(axis_name, v_local)
-    offset = _shard_offset(axis_name, v_local)
+    vocab = vc.vocab_size(axis_name, v_local)
+    offset = vc.shard_offset(axis_name, v_local)
     inv_t = vc.row_inverse(t, h.shape[0])
     acc = vc.acc_dtype(h.dtype)
     g, g_lse, g_ent = (c.astype(acc) for c in cotangent[:3]) if stats else (cotangent, 0, 0)
@@ -368,9 +346,7 @@ def _fused_bwd(chunk, axis_name, stats, residuals, cotangent):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-# --------------------------------------------------------------------------
 # The public function: checks on static information, then one jitted call.
-# --------------------------------------------------------------------------
 
 
 class FusedStats(NamedTuple):
@@ -401,6 +377,9 @@ def _fused_jit(
     lab = widen_labels(jnp.asarray(labels)).reshape(n)
     mask, t, cap = vc.row_options(_NAME, batch, w.shape[1], where, t, cap, acc)
     alpha, zeta = jnp.asarray(alpha).astype(acc), jnp.asarray(zeta).astype(acc)
+    # A jax array is checked here, never read back: out of range gives NaN.
+    alpha = select((alpha >= 0) & (alpha <= 1), alpha, jnp.nan)
+    zeta = select(zeta >= 0, zeta, jnp.nan)
     (w,), (bias,), (h2, lab, t, cap, mask, alpha, zeta) = vc.vary(
         _NAME, axis_name, {"weight": w}, (bias,), (h2, lab, t, cap, mask, alpha, zeta)
     )

@@ -54,9 +54,7 @@ def _moved_cross(c, s_t, gained, decay_t):
     return select(c == _INF, _INF, decay_t * (c + gained * s_t))
 
 
-# --------------------------------------------------------------------------
 # The forward pass.
-# --------------------------------------------------------------------------
 
 
 def _forward(chunk, axis_name, student, teacher, inv_t, cap, mask):
@@ -112,9 +110,7 @@ def _forward(chunk, axis_name, student, teacher, inv_t, cap, mask):
     return kl, _old_shift(m_s) + log_s_s, _old_shift(m_t) + log_s_t
 
 
-# --------------------------------------------------------------------------
 # The custom derivative.
-# --------------------------------------------------------------------------
 
 
 def _kl_value(chunk, axis_name, h, w, bias, ht, wt, bt, t, cap, mask):
@@ -209,9 +205,7 @@ def _fused_kl_bwd(chunk, axis_name, residuals, g):
 _fused_kl.defvjp(_fused_kl_fwd, _fused_kl_bwd, symbolic_zeros=True)
 
 
-# --------------------------------------------------------------------------
 # The public function.
-# --------------------------------------------------------------------------
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))

@@ -28,6 +28,7 @@ from jax.typing import ArrayLike
 from jsoftmax import _normalise as nz
 from jsoftmax._checks import (
     Axis,
+    broadcasts_to,
     compute_dtype,
     concrete,
     host_args,
@@ -37,6 +38,7 @@ from jsoftmax._checks import (
     widen_labels,
 )
 from jsoftmax._normalise import INF, AxisName
+from jsoftmax._vocab import label_index
 
 __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_with_integer_labels"]
 
@@ -69,9 +71,7 @@ def _smoothing(name, alpha, dtype):
     return nz.select((alpha >= 0) & (alpha <= 1), alpha, jnp.nan)
 
 
-# --------------------------------------------------------------------------
 # softmax_cross_entropy (probability labels)
-# --------------------------------------------------------------------------
 
 
 def _kept_labels(labels, mask):
@@ -169,11 +169,7 @@ def _probability_cross_entropy_jit(x, labels, where, t, alpha, axis, axis_name):
     name = "softmax_cross_entropy"
     result_dtype = promoted_dtype(x, labels)
     x, dtype, axes, mask, t = slice_args(name, x, axis, where, t, "logits", batch_where=True)
-    try:
-        fits = np.broadcast_shapes(labels.shape, x.shape) == x.shape
-    except ValueError:
-        fits = False
-    if not fits:
+    if not broadcasts_to(labels.shape, x.shape):
         raise ValueError(
             f"{name}: labels of shape {labels.shape} do not broadcast to the logits' shape "
             f"{x.shape}; give one probability per logit (for class indices use "
@@ -247,29 +243,13 @@ def softmax_cross_entropy(
     return _probability_cross_entropy_jit(*args, axis, axis_name)
 
 
-# --------------------------------------------------------------------------
 # softmax_cross_entropy_with_integer_labels
-# --------------------------------------------------------------------------
-
-
-def _label_index(axes, num_classes, labels):
-    """``(local, here, valid)``: the label's index into this shard's classes,
-    whether this shard holds it, and whether the label is in range at all.
-    With ``axis_name`` the classes are sharded and labels are global."""
-    name = getattr(axes, "axis_name", None)
-    if name is None:
-        valid = (labels >= 0) & (labels < num_classes)
-        return labels, valid, valid
-    local = labels - lax.axis_index(name) * num_classes
-    here = (local >= 0) & (local < num_classes)
-    valid = (labels >= 0) & (labels < num_classes * lax.axis_size(name))
-    return local, here, valid
 
 
 def _target(axes, x, labels, mask, alpha):
     """The (smoothed) one-hot label weights w, built per element (a compare
     with the class index, not a scatter): optax.smooth_labels of the one-hot."""
-    local, here, _ = _label_index(axes, x.shape[-1], labels)
+    local, here, _ = label_index(axes.axis_name, x.shape[-1], labels)
     classes = lax.broadcasted_iota(local.dtype, x.shape, x.ndim - 1)
     onehot = ((classes == local[..., None]) & here[..., None]).astype(jnp.float32)
     if alpha is None:
@@ -298,7 +278,7 @@ def _integer_parts(axes, x, labels, t, mask, alpha, mean_z=False):
     however far x_y lies below the max. Under ``axis_name`` the shard that
     holds a label's class contributes its logit through a psum.
     """
-    local, here, valid = _label_index(axes, x.shape[-1], labels)
+    local, here, valid = label_index(axes.axis_name, x.shape[-1], labels)
     index = nz.select(here, local, 0)[..., None]
     z, shift = nz.logits(axes, x, t, mask)
     smoothing = ()

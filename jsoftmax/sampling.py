@@ -24,9 +24,7 @@ __all__ = ["gumbel_softmax", "sample"]
 _INF = float("inf")
 
 
-# --------------------------------------------------------------------------
 # sample
-# --------------------------------------------------------------------------
 
 
 def _sample(key, x, mask, t, top_k, top_p):
@@ -158,9 +156,7 @@ def sample(
     return _sample_jit(key, x, where, t, top_p, axis, top_k)
 
 
-# --------------------------------------------------------------------------
 # gumbel_softmax
-# --------------------------------------------------------------------------
 
 
 def _gumbel_softmax(key, x, mask, t, hard):
@@ -192,11 +188,11 @@ def _gumbel_softmax_jit(key, x, where, t, axis, hard):
     flat, mask, t = classes_last(axis, axes, x.astype(jnp.promote_types(dtype, jnp.float32)),
                                  mask, t)
     y = _gumbel_softmax(key, flat, mask, t, hard)
-    batch = tuple(i for i in range(x.ndim) if i not in axes)
+    # Back to the input's layout: the class axes from last to where they were.
     order = axes if axis is None or isinstance(axis, int) else tuple(a % x.ndim for a in axis)
-    perm = batch + order
-    y = y.reshape(tuple(shape[i] for i in perm))
-    return jnp.transpose(y, tuple(int(i) for i in np.argsort(perm))).astype(dtype)
+    batch = [n for i, n in enumerate(shape) if i not in axes]
+    y = y.reshape((*batch, *(shape[a] for a in order)))
+    return jnp.moveaxis(y, tuple(range(len(batch), x.ndim)), order).astype(dtype)
 
 
 def gumbel_softmax(

@@ -167,9 +167,7 @@ segment_log_softmax.__doc__ = r"""Log-softmax over the entries that share a segm
 """
 
 
-# --------------------------------------------------------------------------
 # segment_logsumexp: one value per segment
-# --------------------------------------------------------------------------
 
 
 def _logsumexp_parts(seg, x, t, mask):

@@ -284,6 +284,18 @@ def test_errors(data, kwargs, error, match):
                                    **args)
 
 
+@pytest.mark.parametrize(("option", "bad"), [("label_smoothing", 1.5), ("label_smoothing", -0.1),
+                                           ("z_loss", -1e-4), ("z_loss", np.nan)])
+def test_options_in_a_jax_array_out_of_range_give_nan(data, option, bad):
+    # Never read back, traced or not: an invalid value gives NaN, as an
+    # invalid temperature in a jax array does.
+    h, w, labels, _ = data
+    call = lambda v: fused_linear_cross_entropy(h, w, labels, **{option: v})  # noqa: E731
+    for got in (call(jnp.float32(bad)), jax.jit(call)(jnp.float32(bad))):
+        assert np.all(np.isnan(np.asarray(got)))
+    assert np.all(np.isfinite(np.asarray(call(jnp.float32(0.1)))))
+
+
 @pytest.mark.codegen
 def test_compiled_memory_is_a_fraction_of_unfused():
     """Temporary memory of jit(value_and_grad(mean loss)); deterministic, so assertable."""

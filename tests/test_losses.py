@@ -575,6 +575,20 @@ def test_errors_name_the_problem():
         integer_ce(x, jnp.array([0, 1]), axis=2)
 
 
+@pytest.mark.parametrize("loss", ["integer", "probability"])
+@pytest.mark.parametrize("alpha", [-0.5, 1.5, np.nan])
+def test_label_smoothing_in_a_jax_array_out_of_range_gives_nan(loss, alpha):
+    # A jax array is never read back (traced or not): its value is checked
+    # on the device, as a temperature's is, and an invalid one gives NaN.
+    x = jnp.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    call = {"integer": lambda a: integer_ce(x, jnp.array([0, 2]), label_smoothing=a),
+            "probability": lambda a: dense_ce(x, jax.nn.one_hot(jnp.array([0, 2]), 3),
+                                              label_smoothing=a)}[loss]
+    for got in (call(jnp.float32(alpha)), jax.jit(call)(jnp.float32(alpha))):
+        assert np.all(np.isnan(np.asarray(got)))
+    assert np.all(np.isfinite(np.asarray(call(jnp.float32(0.25)))))
+
+
 # --------------------------------------------------------------------------
 # Memory: the integer-label loss keeps no [batch, classes] temporaries.
 # --------------------------------------------------------------------------
