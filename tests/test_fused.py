@@ -290,7 +290,7 @@ def test_options_in_a_jax_array_out_of_range_give_nan(data, option, bad):
     # Never read back, traced or not: an invalid value gives NaN, as an
     # invalid temperature in a jax array does.
     h, w, labels, _ = data
-    call = lambda v: fused_linear_cross_entropy(h, w, labels, **{option: v})  # noqa: E731
+    call = lambda v: fused_linear_cross_entropy(h, w, labels, **{option: v})
     for got in (call(jnp.float32(bad)), jax.jit(call)(jnp.float32(bad))):
         assert np.all(np.isnan(np.asarray(got)))
     assert np.all(np.isfinite(np.asarray(call(jnp.float32(0.1)))))
