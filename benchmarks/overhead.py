@@ -199,7 +199,6 @@ def cases() -> list[Case]:
 # The calibration functions replace nothing in jax.nn or optax: their
 # reference is their own jitted computation called directly (the dispatch
 # floor), and optax's mean loss in one jitted call for mean_nll.
-_F32 = jnp.dtype(jnp.float32)
 _nll_jit = jax.jit(lambda x, y, t: jnp.mean(
     optax.softmax_cross_entropy_with_integer_labels(x / t, y)))
 
@@ -209,16 +208,16 @@ def _calibration_cases() -> list[Case]:
     return [
         Case("reliability_bins", floor, "plain",
              lambda a: calibration.reliability_bins(a["scores"], a["label"], 15),
-             lambda a: calibration._reliability_bins(15, _F32, a["scores"], a["label"])),
+             lambda a: calibration._reliability_bins(15, a["scores"], a["label"])),
         Case("expected_calibration_error", floor, "plain",
              lambda a: calibration.expected_calibration_error(a["scores"], a["label"], 15),
-             lambda a: calibration._calibration_error(15, _F32, a["scores"], a["label"])),
+             lambda a: calibration._calibration_error(15, a["scores"], a["label"])),
         Case("mean_nll", "optax mean", "t=0.7",
              lambda a: calibration.mean_nll(a["x"], a["label"], T),
              lambda a: _nll_jit(a["x"], a["label"], T)),
         Case("fit_temperature", floor, "plain",
              lambda a: calibration.fit_temperature(a["x"], a["label"]),
-             lambda a: calibration._fit_temperature(_F32, a["x"], a["label"])),
+             lambda a: calibration._fit_temperature(a["x"], a["label"])),
     ]
 
 

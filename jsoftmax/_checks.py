@@ -23,9 +23,11 @@ def host_args(name: str, x: ArrayLike, where=None, temperature=1.0, arg: str = "
     """``(x, where, t)`` for a jitted implementation: array-likes as NumPy
     arrays, a Python or NumPy ``temperature`` checked (:func:`concrete`; None
     where it is 1: the function without it)."""
-    x, where = (v if isinstance(v, jax.Array | np.ndarray | None) else np.asarray(v)
-                for v in (x, where))
-    if getattr(x, "dtype", np.dtype(float)).kind not in "biufcV":
+    if not isinstance(x, jax.Array | np.ndarray):
+        x = np.asarray(x)
+    if not isinstance(where, jax.Array | np.ndarray | None):
+        where = np.asarray(where)
+    if x.dtype.kind not in "biufcV":
         raise TypeError(f"{name}: {arg} has dtype {x.dtype}, which is not a real number type; "
                         f"give an array of numbers, e.g. jnp.asarray({arg}, jnp.float32)")
     if isinstance(temperature, jax.Array):
@@ -42,10 +44,12 @@ def concrete(name: str, what: str, value, low: float = 0.0, high: float = np.inf
     for the computation to turn an invalid value into NaN."""
     if isinstance(value, jax.Array):
         return value
-    values = np.asarray(value)
-    if values.dtype.kind not in "biufV":
+    if type(value) in (int, float):  # the common case, without NumPy's per-call cost
+        if (low <= value <= high) if closed else (low < value < high):
+            return None if value == neutral else value
+    elif np.asarray(value).dtype.kind not in "biufV":
         raise TypeError(f"{name}: {what} must be a real number or array; got {value!r}")
-    v = values.astype(np.float64)
+    v = np.asarray(value, np.float64)
     bad = v[~((v >= low) & (v <= high) if closed else (v > low) & (v < high))]
     if bad.size:
         limits = (f"in [{low:g}, {high:g}]" if high < np.inf else f">= {low:g}") if closed else (

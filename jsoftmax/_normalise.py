@@ -273,9 +273,8 @@ def inverse_temperature(t: jax.Array) -> jax.Array:
 
 
 def tangent_value(tangent) -> jax.Array | None:
-    """None for a symbolic-zero tangent, else the tangent in the compute
-    dtype (a float16 / bfloat16 input's tangent upcast once: reverse mode
-    rounds the cotangent once)."""
+    """None for a symbolic-zero tangent, else the tangent in the compute dtype
+    (a float16 / bfloat16 tangent upcast once: the cotangent is rounded once)."""
     if tangent is None or isinstance(tangent, SymbolicZero):
         return None
     return tangent.astype(jnp.promote_types(tangent.dtype, jnp.float32))

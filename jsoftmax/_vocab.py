@@ -214,8 +214,7 @@ def check_vma(name, axis_name, w):
     if axis_name is not None and not set(axis_names(axis_name)) <= vma(w):
         raise ValueError(
             f"{name}: gradients with axis_name={axis_name!r} need jax.shard_map with "
-            "check_vma=True (the default) and weight sharded over that axis"
-        )
+            "check_vma=True (the default) and weight sharded over that axis")
 
 
 def row_inverse(t, n):
@@ -364,8 +363,7 @@ def vary(name, axis_name, weights, biases, others):
             raise ValueError(
                 f"{name}: axis_name={axis_name!r} but {arg} does not vary over that mesh "
                 f"axis; shard {arg}'s vocabulary axis over it, e.g. in_specs=P(None, "
-                f"{axis_name!r}) in jax.shard_map"
-            )
+                f"{axis_name!r}) in jax.shard_map")
     rest = every - names
     return (
         [varying(w, rest) for w in weights.values()],
@@ -381,8 +379,7 @@ def float_dtype(name, arg, x):
         return inexact_dtype(x.dtype)
     raise TypeError(
         f"{name}: {arg} has dtype {x.dtype}, which is not a real number type; "
-        f"cast it first, e.g. {arg}.astype(jnp.float32)"
-    )
+        f"cast it first, e.g. {arg}.astype(jnp.float32)")
 
 
 def check_linear(name, hidden, weight, hidden_arg="hidden", weight_arg="weight"):
@@ -398,8 +395,7 @@ def check_linear(name, hidden, weight, hidden_arg="hidden", weight_arg="weight")
             f"{name}: {hidden_arg} has shape {h.shape} and {weight_arg} {w.shape}; "
             f"{hidden_arg}'s last axis (D = {h.shape[-1]}) must equal {weight_arg}'s first "
             f"axis ({w.shape[0]}). If your {weight_arg} is [V, D] (an embedding table), pass "
-            f"{weight_arg}.T"
-        )
+            f"{weight_arg}.T")
     if w.shape[1] == 0:
         raise ValueError(f"{name}: {weight_arg} has no vocabulary columns (shape {w.shape})")
     return h, w, dtypes
@@ -410,9 +406,7 @@ def check_options(name, batch, where, chunk_size, axis_name, temperature, cap, w
     """The concrete checks of the options every fused function takes; returns
     ``(where, temperature, cap, weights)`` for the jitted call (``where``
     and ``temperature``'s shapes are checked there)."""
-    if chunk_size is not None and (
-        not isinstance(chunk_size, int | np.integer) or isinstance(chunk_size, bool)
-    ):
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer | None):
         raise TypeError(f"{name}: chunk_size must be a positive int or None; got {chunk_size!r}")
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"{name}: chunk_size must be a positive int; got {chunk_size}")
@@ -425,8 +419,7 @@ def check_options(name, batch, where, chunk_size, axis_name, temperature, cap, w
     if reduction not in REDUCTIONS:
         raise ValueError(
             f"{name}: reduction must be one of {', '.join(map(repr, REDUCTIONS))}; "
-            f"got {reduction!r}"
-        )
+            f"got {reduction!r}")
     if cap is not None and np.ndim(cap) != 0:
         raise ValueError(f"{name}: logit_soft_cap must be a scalar; got shape {np.shape(cap)}")
     if cap is not None and not isinstance(cap, jax.Array):
@@ -454,6 +447,5 @@ def check_bias(name, bias, w_shape, arg="bias", weight_arg="weight"):
         raise ValueError(
             f"{name}: {arg} has shape {tuple(b.shape)} but {weight_arg} {tuple(w_shape)}; "
             f"give one bias per vocabulary column, shape ({w_shape[1]},) (with axis_name, "
-            f"this shard's slice, sharded like {weight_arg}'s columns)"
-        )
+            f"this shard's slice, sharded like {weight_arg}'s columns)")
     return b, b_dtype

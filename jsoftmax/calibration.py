@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jsoftmax._checks import compute_dtype, host_args, inexact_dtype
+from jsoftmax._checks import compute_dtype, concrete, host_args, inexact_dtype
 from jsoftmax.losses import softmax_cross_entropy_with_integer_labels
 
 __all__ = [
@@ -37,8 +37,8 @@ _BISECTIONS = 40
 
 
 def _check_classification(name: str, scores: ArrayLike, labels: ArrayLike, what: str):
-    """``(scores, labels, dtype)`` for the jitted call, which casts ``scores``
-    to ``dtype``: scores of shape (N, K) and integer labels of shape (N,)."""
+    """``(scores, labels)`` for the jitted call: scores of shape (N, K) and
+    integer labels of shape (N,)."""
     arr, lab, _ = host_args(name, scores, labels, arg=what)
     if arr.dtype.kind in "bc":
         raise TypeError(f"{name}: {what} has dtype {arr.dtype}, which is not a real number "
@@ -56,7 +56,12 @@ def _check_classification(name: str, scores: ArrayLike, labels: ArrayLike, what:
     if tuple(lab.shape) != tuple(arr.shape[:1]):
         raise ValueError(f"{name}: labels must have shape ({arr.shape[0]},), one per row of "
                          f"{what}; got shape {tuple(lab.shape)}")
-    return arr, lab, inexact_dtype(arr.dtype)
+    return arr, lab
+
+
+def _computed(scores):
+    """Scores in the dtype jax.nn computes them in (float32 for 16-bit)."""
+    return scores.astype(compute_dtype(inexact_dtype(scores.dtype)))
 
 
 def _check_num_bins(name: str, num_bins: int) -> int:
@@ -79,9 +84,9 @@ class ReliabilityBins(NamedTuple):
     """Fraction of the examples in each bin whose top class is the label."""
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _reliability_bins(num_bins, dtype, probs, labels):
-    probs, labels = probs.astype(dtype).astype(compute_dtype(dtype)), jnp.asarray(labels)
+@partial(jax.jit, static_argnums=0)
+def _reliability_bins(num_bins, probs, labels):
+    probs, labels = _computed(probs), jnp.asarray(labels)
     confidence = jnp.max(probs, axis=-1)
     correct = (jnp.argmax(probs, axis=-1) == labels).astype(probs.dtype)
     # Bin m (1-based) holds confidences in ((m - 1) / M, m / M]; 0 goes to bin 1.
@@ -120,8 +125,8 @@ def reliability_bins(probs: ArrayLike, labels: ArrayLike, num_bins: int = 15) ->
       ([0.0, 0.8], [0.0, 0.6667])
     """
     name = "reliability_bins"
-    arr, lab, dtype = _check_classification(name, probs, labels, "probs")
-    return _reliability_bins(_check_num_bins(name, num_bins), dtype, arr, lab)
+    arr, lab = _check_classification(name, probs, labels, "probs")
+    return _reliability_bins(_check_num_bins(name, num_bins), arr, lab)
 
 
 def expected_calibration_error(
@@ -150,13 +155,13 @@ def expected_calibration_error(
       Array(0.13333333, dtype=float32)
     """
     name = "expected_calibration_error"
-    arr, lab, dtype = _check_classification(name, probs, labels, "probs")
-    return _calibration_error(_check_num_bins(name, num_bins), dtype, arr, lab)
+    arr, lab = _check_classification(name, probs, labels, "probs")
+    return _calibration_error(_check_num_bins(name, num_bins), arr, lab)
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _calibration_error(num_bins, dtype, probs, labels):
-    bins = _reliability_bins(num_bins, dtype, probs, labels)
+@partial(jax.jit, static_argnums=0)
+def _calibration_error(num_bins, probs, labels):
+    bins = _reliability_bins(num_bins, probs, labels)
     weights = bins.counts.astype(bins.confidence.dtype) / probs.shape[0]
     return jnp.sum(weights * jnp.abs(bins.accuracy - bins.confidence))
 
@@ -181,25 +186,25 @@ def mean_nll(logits: ArrayLike, labels: ArrayLike, temperature: ArrayLike = 1.0)
       >>> round(float(nll), 5)  # (log 2 + log(1 + e)) / 2
       1.0032
     """
-    arr, lab, dtype = _check_classification("mean_nll", logits, labels, "logits")
+    arr, lab = _check_classification("mean_nll", logits, labels, "logits")
     # The loss's own check of a concrete temperature (None for exactly 1).
-    t = host_args("softmax_cross_entropy_with_integer_labels", arr, None, temperature)[2]
-    return _mean_nll(dtype, arr, lab, t)
+    t = concrete("softmax_cross_entropy_with_integer_labels", "temperature", temperature,
+                 neutral=1.0, hint=" (0 is the hard max, inf is uniform)")
+    return _mean_nll(arr, lab, t)
 
 
-@partial(jax.jit, static_argnums=0)
-def _mean_nll(dtype, logits, labels, t):
-    logits = logits.astype(dtype).astype(compute_dtype(dtype))
+@jax.jit
+def _mean_nll(logits, labels, t):
+    logits = _computed(logits)
     t = 1.0 if t is None else t
     return jnp.mean(softmax_cross_entropy_with_integer_labels(logits, labels, temperature=t))
 
 
-@partial(jax.jit, static_argnums=0)
-def _fit_temperature(dtype, logits, labels):
+@jax.jit
+def _fit_temperature(logits, labels):
     # Fitted in the compute dtype (float32 for 16-bit logits), returned in the logits'.
-    logits = logits.astype(dtype).astype(compute_dtype(dtype))
-    log_t = _fit_log_temperature(logits, jnp.asarray(labels))
-    return jnp.exp(log_t).astype(dtype)
+    log_t = _fit_log_temperature(_computed(logits), jnp.asarray(labels))
+    return jnp.exp(log_t).astype(inexact_dtype(logits.dtype))
 
 
 def _fit_log_temperature(logits, labels):
@@ -259,11 +264,11 @@ def fit_temperature(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
       >>> round(float(jax.nn.sigmoid(4.0 / t)), 4)  # so the confidence is 3/4
       0.75
     """
-    arr, lab, dtype = _check_classification("fit_temperature", logits, labels, "logits")
+    arr, lab = _check_classification("fit_temperature", logits, labels, "logits")
     if arr.shape[1] == 0:
         raise ValueError(
             f"fit_temperature: logits has no classes (shape {tuple(arr.shape)}): the loss is 0 "
             "at every temperature, so there is nothing to fit; give logits of shape "
             "(examples, classes) with at least one class"
         )
-    return _fit_temperature(dtype, arr, lab)
+    return _fit_temperature(arr, lab)

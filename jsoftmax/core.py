@@ -285,6 +285,5 @@ def _complex_logsumexp(a, axis, b, keepdims, return_sign, where, temperature, ax
     ):
         raise TypeError(
             "logsumexp: complex inputs take neither temperature nor axis_name; "
-            "pass real logits for those"
-        )
+            "pass real logits for those")
     return jax.nn.logsumexp(a, axis, b, keepdims, return_sign, where)

@@ -531,14 +531,12 @@ def fused_linear_cross_entropy(
     if not jnp.issubdtype(lab.dtype, jnp.integer):
         raise TypeError(
             f"{_NAME}: labels must be integer class indices; got dtype {lab.dtype}. "
-            "For soft (probability) labels use the unfused softmax_cross_entropy"
-        )
+            "For soft (probability) labels use the unfused softmax_cross_entropy")
     batch = tuple(h.shape[:-1])
     if tuple(lab.shape) != batch:
         raise ValueError(
             f"{_NAME}: labels has shape {tuple(lab.shape)} but hidden {tuple(h.shape)} has "
-            f"batch shape {batch}; give one label per row of hidden"
-        )
+            f"batch shape {batch}; give one label per row of hidden")
     mask, t, cap, weights = vc.check_options(
         _NAME, batch, where, chunk_size, axis_name, temperature, logit_soft_cap, weights,
         reduction,

@@ -334,13 +334,11 @@ def fused_linear_kl_divergence(
     if tuple(ht.shape[:-1]) != batch:
         raise ValueError(
             f"{_NAME}: teacher_hidden has shape {tuple(ht.shape)} but hidden "
-            f"{tuple(h.shape)}; give both one row per example (the same batch shape)"
-        )
+            f"{tuple(h.shape)}; give both one row per example (the same batch shape)")
     if wt.shape[1] != w.shape[1]:
         raise ValueError(
             f"{_NAME}: teacher_weight has {wt.shape[1]} vocabulary columns but weight "
-            f"{w.shape[1]}; the teacher and the student must share the vocabulary"
-        )
+            f"{w.shape[1]}; the teacher and the student must share the vocabulary")
     mask, t, cap, weights = vc.check_options(
         _NAME, batch, where, chunk_size, axis_name, temperature, logit_soft_cap, weights,
         reduction,
