@@ -24,7 +24,10 @@ def host_args(name: str, x: ArrayLike, where=None, temperature=1.0, arg: str = "
     arrays, a Python or NumPy ``temperature`` checked (:func:`concrete`; None
     where it is 1: the function without it)."""
     if not isinstance(x, jax.Array | np.ndarray):
-        x = np.asarray(x)
+        try:
+            x = np.asarray(x)
+        except ValueError as err:  # a ragged list
+            raise TypeError(f"{name}: {arg} must be an array of real numbers; got {x!r}") from err
     if not isinstance(where, jax.Array | np.ndarray | None):
         where = np.asarray(where)
     if x.dtype.kind not in "biufcV":
@@ -47,7 +50,7 @@ def concrete(name: str, what: str, value, low: float = 0.0, high: float = np.inf
     if type(value) in (int, float):  # the common case, without NumPy's per-call cost
         if (low <= value <= high) if closed else (low < value < high):
             return None if value == neutral else value
-    elif np.asarray(value).dtype.kind not in "biufV":
+    elif np.asarray(value).dtype.kind not in "iufV":
         raise TypeError(f"{name}: {what} must be a real number or array; got {value!r}")
     v = np.asarray(value, np.float64)
     bad = v[~((v >= low) & (v <= high) if closed else (v > low) & (v < high))]
@@ -56,7 +59,7 @@ def concrete(name: str, what: str, value, low: float = 0.0, high: float = np.inf
             f"finite and > {low:g}")
         raise ValueError(f"{name}: {what} must be {limits}{hint}; got {float(bad.ravel()[0])!r}"
                          + fix)
-    return None if neutral is not None and np.all(v == neutral) else value
+    return None if neutral is not None and np.all(v == neutral) else np.asarray(value)
 
 
 def host_array(value):
@@ -75,8 +78,8 @@ def slice_args(name: str, x: jax.Array, axis: Axis, where, t, arg: str = "x",
     if x.dtype == jnp.bool_ or not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{name}: {arg} has dtype {x.dtype}, which is not a real number type; "
                         f"cast it first, e.g. {arg}.astype(jnp.float32)")
-    axes = range(ndim) if axis is None else (axis,) if isinstance(axis, int) else axis
-    if isinstance(axes, float) or not all(isinstance(a, int | np.integer) for a in axes):
+    axes = range(ndim) if axis is None else axis if isinstance(axis, tuple) else (axis,)
+    if not all(isinstance(a, int | np.integer) and not isinstance(a, bool) for a in axes):
         raise TypeError(f"{name}: axis must be an int, a tuple of ints or None; got {axis!r}")
     if any(not -ndim <= a < ndim for a in axes):
         raise ValueError(f"{name}: axis {axis} is out of range for an array with {ndim} "
@@ -160,7 +163,7 @@ def classes_last(axis: Axis, axes: tuple[int, ...], *arrays):
         if a is None or a.ndim == 0:
             out.append(a)
             continue
-        order = axes if axis is None or isinstance(axis, int) else tuple(i % a.ndim for i in axis)
+        order = axes if not isinstance(axis, tuple) else tuple(i % a.ndim for i in axis)
         batch = tuple(i for i in range(a.ndim) if i not in axes)
         merged = (*(a.shape[i] for i in batch), math.prod(a.shape[i] for i in order))
         out.append(jnp.transpose(a, batch + order).reshape(merged))

@@ -340,6 +340,9 @@ def row_options(name, batch, v, where, t, cap, acc):
     the unfused functions check them against the logits (never built: a
     broadcast that nothing reads)."""
     n = int(np.prod(batch, dtype=np.int64))
+    if where is not None and jnp.ndim(where) > len(batch):  # one per example, not per class
+        raise ValueError(f"{name}: where has shape {jnp.shape(where)}; give one per example, "
+                         f"of the labels' shape {batch}")
     logits = jnp.broadcast_to(jnp.zeros((), acc), (*batch, v))
     _, _, _, mask, t = slice_args(name, logits, -1, where, t, "hidden @ weight", batch_where=True)
     mask = None if mask is None else mask[..., 0].reshape(n)

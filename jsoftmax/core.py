@@ -177,11 +177,11 @@ def logsumexp(
       >>> jsoftmax.logsumexp(jnp.array([1.0, 3.0, 2.0]), temperature=0.0)
       Array(3., dtype=float32)
     """
-    if jnp.iscomplexobj(a) or jnp.iscomplexobj(b):
-        return _complex_logsumexp(a, axis, b, keepdims, return_sign, where, temperature, axis_name)
     a, where, t = host_args("logsumexp", a, where, temperature, "a")
     # A Python number stays one: it is weakly typed in the result dtype.
     b = b if isinstance(b, jax.Array | np.ndarray | int | float | None) else np.asarray(b)
+    if jnp.iscomplexobj(a) or jnp.iscomplexobj(b):
+        return _complex_logsumexp(a, axis, b, keepdims, return_sign, where, temperature, axis_name)
     return _logsumexp_jit(a, where, t, b, axis, axis_name, keepdims, return_sign)
 
 

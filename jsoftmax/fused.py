@@ -457,7 +457,8 @@ def fused_linear_cross_entropy(
         supported here: a Python or NumPy one raises ValueError; one in a
         JAX array, traced or not, gives NaN.)
       label_smoothing: alpha in [0, 1].
-      z_loss: coefficient >= 0 of the squared logsumexp.
+      z_loss: coefficient >= 0 of the squared logsumexp. Out of range (this
+        and ``label_smoothing``): ValueError, or NaN from a jax array.
       axis_name: name of a mesh axis (inside ``jax.shard_map``) over which
         ``weight``'s vocabulary axis is sharded. ``hidden``, ``labels``,
         ``where`` and ``weights`` are then the same on every shard of that

@@ -16,7 +16,6 @@ two numbers per example (see the README for the measured memory).
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import jax
@@ -29,6 +28,7 @@ from jsoftmax import _normalise as nz
 from jsoftmax._checks import (
     Axis,
     broadcasts_to,
+    classes_last,
     compute_dtype,
     concrete,
     host_args,
@@ -220,7 +220,8 @@ def softmax_cross_entropy(
         and is differentiable in t.
       label_smoothing: a in [0, 1]; the labels become
         ``(1 - a) * labels + a / K``, K the number of classes kept by
-        ``where``, exactly as ``optax.smooth_labels`` does.
+        ``where``, exactly as ``optax.smooth_labels`` does. A Python or
+        NumPy value out of range raises ValueError; one in a jax array gives NaN.
       axis_name: name of a mesh axis (inside ``jax.shard_map``) over which
         the class axis is also sharded, with ``labels`` and ``where`` sharded
         like ``logits``; the loss (and its gradients) is that of the whole,
@@ -381,23 +382,17 @@ def _integer_cross_entropy_jit(x, labels, where, t, alpha, axis, axis_name):
     order given: a label is a flat index into them), and the loss."""
     name = "softmax_cross_entropy_with_integer_labels"
     x, dtype, axes, mask, t = slice_args(name, x, axis, where, t, "logits", batch_where=True)
-    order = axes if axis is None or isinstance(axis, int) else tuple(a % x.ndim for a in axis)
-    if axis_name is not None and len(order) != 1:
+    if axis_name is not None and len(axes) != 1:
         raise ValueError(f"{name}: with axis_name the classes must be one axis (the sharded "
                          f"one); got axis={axis!r}")
-    batch_axes = tuple(i for i in range(x.ndim) if i not in axes)
-    batch_shape = tuple(x.shape[i] for i in batch_axes)
+    batch_shape = tuple(n for i, n in enumerate(x.shape) if i not in axes)
     if labels.shape != batch_shape:
         raise ValueError(
             f"{name}: labels have shape {labels.shape} but the logits' batch shape is "
-            f"{batch_shape} (logits shape {x.shape} without axis {order}); give one class "
+            f"{batch_shape} (logits shape {x.shape} without axis {axis}); give one class "
             "index per example")
     alpha = _smoothing(name, alpha, compute_dtype(dtype))
-    # The classes last, merged into one axis; a temperature one per row.
-    classes = math.prod(x.shape[a] for a in order)
-    x, mask = (None if v is None else jnp.transpose(v, batch_axes + order).reshape(
-        (*batch_shape, classes)) for v in (x, mask))
-    t = t if t is None or t.ndim == 0 else jnp.squeeze(t, axes)[..., None]
+    x, mask, t = classes_last(axis, axes, x, mask, t)  # a temperature one per row
     axes = nz.Axes((x.ndim - 1,), axis_name)
     loss = _integer_cross_entropy(axes, x, widen_labels(labels), t, mask, alpha)
     return loss[..., 0].astype(dtype)
@@ -441,7 +436,7 @@ def softmax_cross_entropy_with_integer_labels(
       label_smoothing: a in [0, 1]; the same loss as ``optax.smooth_labels``
         of the one-hot labels followed by :func:`softmax_cross_entropy`:
         ``(1 - a) * loss + a * mean(-log_softmax)`` over the classes kept by
-        ``where``.
+        ``where``. Out of range: ValueError, or NaN from a jax array.
       axis_name: name of a mesh axis (inside ``jax.shard_map``) over which
         the class axis (a single ``axis``) is also sharded, with ``where``
         sharded like ``logits``; ``labels`` are then global class indices,

@@ -189,7 +189,7 @@ def _gumbel_softmax_jit(key, x, where, t, axis, hard):
                                  mask, t)
     y = _gumbel_softmax(key, flat, mask, t, hard)
     # Back to the input's layout: the class axes from last to where they were.
-    order = axes if axis is None or isinstance(axis, int) else tuple(a % x.ndim for a in axis)
+    order = axes if not isinstance(axis, tuple) else tuple(a % x.ndim for a in axis)
     batch = [n for i, n in enumerate(shape) if i not in axes]
     y = y.reshape((*batch, *(shape[a] for a in order)))
     return jnp.moveaxis(y, tuple(range(len(batch), x.ndim)), order).astype(dtype)

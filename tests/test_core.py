@@ -648,6 +648,22 @@ def test_bad_arguments_raise_clear_errors(fn):
             fn(b)
 
 
+@pytest.mark.parametrize("fn", [*FUNCS, jsoftmax.logsumexp, jsoftmax.entropy])
+def test_numpy_axes_and_python_sequences_are_taken_as_arrays(fn):
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 3)), jnp.float32)
+    np.testing.assert_array_equal(fn(x, np.int64(1)), fn(x, 1))
+    np.testing.assert_array_equal(fn(x, (np.int32(0), 1)), fn(x, (0, 1)))
+    # A list of temperatures is an array of them, one per slice.
+    np.testing.assert_array_equal(fn(x, 1, temperature=[0.5, 2.0]),
+                                  fn(x, 1, temperature=np.array([0.5, 2.0])))
+    with pytest.raises(TypeError, match="axis must be an int"):
+        fn(x, True)
+    with pytest.raises(TypeError, match="temperature must be a real number"):
+        fn(x, 1, temperature=True)
+    with pytest.raises(TypeError, match="must be an array of real numbers"):
+        fn([[1.0, 2.0], [3.0]])
+
+
 def test_logsumexp_weights_shape_error():
     with pytest.raises(ValueError, match="b has shape"):
         jsoftmax.logsumexp(jnp.ones((2, 3)), b=jnp.ones(2))

@@ -263,6 +263,7 @@ def test_traced_invalid_temperature_is_nan(data):
         ({"labels": np.zeros(N)}, TypeError, "integer class indices"),
         ({"labels": np.zeros(N + 1, np.int32)}, ValueError, "one label per row"),
         ({"where": np.ones(N + 1, bool)}, ValueError, "does not broadcast"),
+        ({"where": np.ones((N, V), bool)}, ValueError, "one per example"),
         ({"chunk_size": 0}, ValueError, "positive"),
         ({"chunk_size": -4}, ValueError, "positive"),
         ({"chunk_size": 2.5}, TypeError, "positive int"),

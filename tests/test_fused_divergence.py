@@ -321,6 +321,7 @@ def test_traced_invalid_temperature_is_nan(data):
         ({"logit_soft_cap": -1.0}, ValueError, "logit_soft_cap"),
         ({"chunk_size": 0}, ValueError, "positive"),
         ({"where": np.ones(N + 1, bool)}, ValueError, "does not broadcast"),
+        ({"where": np.ones((N, V), bool)}, ValueError, "one per example"),
         ({"reduction": "avg"}, ValueError, "reduction must be one of"),
     ],
 )

@@ -569,6 +569,8 @@ def test_errors_name_the_problem():
         integer_ce(x, jnp.array([0, 1]), where=jnp.ones((3, 3), bool))
     with pytest.raises(ValueError, match="label_smoothing"):
         integer_ce(x, jnp.array([0, 1]), label_smoothing=1.5)
+    with pytest.raises(ValueError, match="label_smoothing must be a scalar"):
+        integer_ce(x, jnp.array([0, 1]), label_smoothing=[0.1, 0.2])
     with pytest.raises(ValueError, match="temperature"):
         dense_ce(x, x, temperature=-1.0)
     with pytest.raises(ValueError, match="out of range"):
