@@ -19,6 +19,7 @@ from jax.typing import ArrayLike
 
 Axis = int | Sequence[int] | None
 
+
 def host_args(name: str, x: ArrayLike, where=None, temperature=1.0, arg: str = "x"):
     """``(x, where, t)`` for a jitted implementation: array-likes as NumPy
     arrays, a Python or NumPy ``temperature`` checked (:func:`concrete`; None
