@@ -206,6 +206,11 @@ class Normaliser(NamedTuple):
     mean_z: jax.Array | None = None
     sums: tuple[jax.Array, ...] = ()
 
+    @property
+    def entropy(self) -> jax.Array:
+        """-sum p log p = log s - mean_z (asked for), 0 with nothing included."""
+        return select(self.s == 0, 0.0, self.log_s - self.mean_z)
+
 
 def normaliser(z, slices, mean_z=False, sums=(), split=None, keepdims=True) -> Normaliser:
     """The :class:`Normaliser` of logits z, in one pass over z (a second pass

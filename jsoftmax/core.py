@@ -260,8 +260,7 @@ def _logsumexp_jvp(axes, primals, tangents):
         out = out + nz.reduce(probs * dx, axes)
     if dt is not None:
         if b is None:
-            norm = nz.normaliser(z, axes, mean_z=True, split=True)
-            entropy = nz.select(norm.s == 0, 0.0, norm.log_s - norm.mean_z)
+            entropy = nz.normaliser(z, axes, mean_z=True, split=True).entropy
         else:
             # z is -inf exactly where P is 0: a product with 0 there, not a
             # select after it (whose cotangent would meet 0 * -inf).

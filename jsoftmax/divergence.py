@@ -34,10 +34,9 @@ def _finite(v: jax.Array) -> jax.Array:
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _entropy(axes, x, t, mask):
     z, _ = nz.logits(axes, x, t, mask)
-    norm = nz.normaliser(z, axes, mean_z=True, split=True)
-    # H = log s - sum(p z), log s split at the maxima: the entropy of a
-    # confident slice is mostly the part of log s below an ulp of 1.
-    return nz.select(norm.s == 0, 0.0, norm.log_s - norm.mean_z)
+    # log s split at the maxima: the entropy of a confident slice is mostly
+    # the part of log s below an ulp of 1.
+    return nz.normaliser(z, axes, mean_z=True, split=True).entropy
 
 
 @partial(_entropy.defjvp, symbolic_zeros=True)
@@ -51,7 +50,7 @@ def _entropy_jvp(axes, primals, tangents):
     x, t, mask = primals
     z, shift = nz.logits(axes, x, t, mask)
     norm = nz.normaliser(z, axes, mean_z=True, split=True)
-    h = nz.select(norm.s == 0, 0.0, norm.log_s - norm.mean_z)
+    h = norm.entropy
     dx, dt = nz.tangent_value(tangents[0]), nz.tangent_value(tangents[1])
     if dx is None and dt is None:
         return h, jnp.zeros_like(h)

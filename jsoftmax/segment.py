@@ -194,8 +194,7 @@ def _segment_logsumexp_jvp(primals, tangents):
         probs = jnp.exp(z) / seg.per_entry(nz.select(s == 0, 1.0, s))
         out = out + nz.reduce(probs * dx, seg, keepdims=False)
     if dt is not None:
-        norm = nz.normaliser(z, seg, mean_z=True, split=True, keepdims=False)
-        out = out + nz.select(norm.s == 0, 0.0, norm.log_s - norm.mean_z) * dt
+        out = out + nz.normaliser(z, seg, mean_z=True, split=True, keepdims=False).entropy * dt
     return lse, out
 
 
